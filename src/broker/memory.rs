@@ -1,0 +1,225 @@
+//! In-process broker for a single instance: bounded history per room, presence, direct
+//! messages. Deliveries happen under the room's history lock so they leave in id order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt;
+
+use super::{
+    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceDiff,
+    PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed,
+};
+
+#[derive(Default)]
+struct RoomLog {
+    events: VecDeque<Arc<RoomEvent>>,
+    /// Newest id trimmed out of `events`: a `since` older than this has a gap.
+    trimmed_through: Option<MessageId>,
+}
+
+#[derive(Default)]
+struct IdClock {
+    last: MessageId,
+}
+
+impl IdClock {
+    /// Redis-style ids: milliseconds, then a sequence within the millisecond; never backwards.
+    fn next(&mut self, now_ms: u64) -> MessageId {
+        self.last = if now_ms > self.last.hi {
+            MessageId::new(now_ms, 0)
+        } else {
+            MessageId::new(self.last.hi, self.last.lo + 1)
+        };
+        self.last
+    }
+}
+
+pub struct MemoryBroker {
+    sink: Arc<dyn Deliver>,
+    history_size: usize,
+    clock: Mutex<IdClock>,
+    logs: Mutex<HashMap<RoomName, RoomLog>>,
+    subscribed: Mutex<HashSet<RoomName>>,
+    users: Mutex<HashSet<Arc<str>>>,
+    presence: Mutex<HashMap<RoomName, Vec<PresenceEntry>>>,
+    me: Mutex<Option<InstanceInfo>>,
+}
+
+impl MemoryBroker {
+    pub fn new(sink: Arc<dyn Deliver>, history_size: usize) -> Self {
+        Self {
+            sink,
+            history_size,
+            clock: Mutex::default(),
+            logs: Mutex::default(),
+            subscribed: Mutex::default(),
+            users: Mutex::default(),
+            presence: Mutex::default(),
+            me: Mutex::default(),
+        }
+    }
+
+    fn announce(&self, diff: PresenceDiff) {
+        if self.subscribed.lock().unwrap().contains(&diff.room) {
+            self.sink.presence(Arc::new(diff));
+        }
+    }
+}
+
+fn ready() -> Subscribed {
+    futures_util::future::ready(Ok(())).boxed()
+}
+
+#[async_trait::async_trait]
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
+        let mut logs = self.logs.lock().unwrap();
+        let id = self.clock.lock().unwrap().next(msg.ts_ms);
+        let event = Arc::new(RoomEvent { id, msg });
+        let log = logs.entry(event.msg.room.clone()).or_default();
+        log.events.push_back(event.clone());
+        while log.events.len() > self.history_size {
+            if let Some(old) = log.events.pop_front() {
+                log.trimmed_through = Some(old.id);
+            }
+        }
+        // Still under the log lock: concurrent publishes reach subscribers in id order.
+        if self.subscribed.lock().unwrap().contains(&event.msg.room) {
+            self.sink.room_event(event);
+        }
+        Ok(id)
+    }
+
+    fn subscribe(&self, room: &RoomName) -> Subscribed {
+        self.subscribed.lock().unwrap().insert(room.clone());
+        ready()
+    }
+
+    fn unsubscribe(&self, room: &RoomName) {
+        self.subscribed.lock().unwrap().remove(room);
+    }
+
+    async fn history_after(
+        &self,
+        room: &RoomName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let logs = self.logs.lock().unwrap();
+        let Some(log) = logs.get(room) else {
+            return Ok(History::default());
+        };
+        let start = log.events.partition_point(|e| e.id <= after);
+        let newer = log.events.len() - start;
+        let skip = newer.saturating_sub(limit);
+        Ok(History {
+            events: log.events.iter().skip(start + skip).cloned().collect(),
+            gap: skip > 0 || log.trimmed_through.is_some_and(|t| t > after),
+        })
+    }
+
+    async fn send_direct(&self, msg: DirectMessage) -> Result<(), BrokerError> {
+        if self.users.lock().unwrap().contains(&msg.to) {
+            self.sink.direct(Arc::new(msg));
+        }
+        Ok(())
+    }
+
+    fn subscribe_user(&self, user: &Arc<str>) -> Subscribed {
+        self.users.lock().unwrap().insert(user.clone());
+        ready()
+    }
+
+    fn unsubscribe_user(&self, user: &Arc<str>) {
+        self.users.lock().unwrap().remove(user);
+    }
+
+    async fn track(&self, room: &RoomName, entry: PresenceEntry) -> Result<(), BrokerError> {
+        let replaced = {
+            let mut presence = self.presence.lock().unwrap();
+            let entries = presence.entry(room.clone()).or_default();
+            let old = entries
+                .iter()
+                .position(|e| e.conn_id == entry.conn_id)
+                .map(|i| entries.swap_remove(i));
+            entries.push(entry.clone());
+            old
+        };
+        self.announce(PresenceDiff {
+            room: room.clone(),
+            joins: vec![entry],
+            leaves: replaced.into_iter().collect(),
+        });
+        Ok(())
+    }
+
+    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {
+        let removed = {
+            let mut presence = self.presence.lock().unwrap();
+            let Some(entries) = presence.get_mut(room) else {
+                return Ok(());
+            };
+            let removed = entries
+                .iter()
+                .position(|e| &e.conn_id == conn_id)
+                .map(|i| entries.swap_remove(i));
+            if entries.is_empty() {
+                presence.remove(room);
+            }
+            removed
+        };
+        if let Some(entry) = removed {
+            self.announce(PresenceDiff {
+                room: room.clone(),
+                joins: vec![],
+                leaves: vec![entry],
+            });
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError> {
+        Ok(self
+            .presence
+            .lock()
+            .unwrap()
+            .get(room)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
+        *self.me.lock().unwrap() = Some(me.clone());
+        Ok(())
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
+        Ok(self.me.lock().unwrap().iter().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_increase_within_a_millisecond_and_across_clock_steps_back() {
+        let mut c = IdClock::default();
+        let a = c.next(100);
+        let b = c.next(100);
+        let d = c.next(99);
+        let e = c.next(101);
+        assert!(a < b && b < d && d < e, "{a} {b} {d} {e}");
+        assert_eq!(e.to_string(), "101-0");
+        assert_eq!("101-0".parse::<MessageId>().unwrap(), e);
+    }
+}

@@ -1,0 +1,223 @@
+//! The broker port: how instances share rooms, history, direct messages, presence and
+//! heartbeats. One adapter per backend; the gateway sees only [`Broker`].
+//!
+//! Deliveries flow the other way, through [`Deliver`], called by the adapter's receiving task
+//! for every message of a room this instance subscribed. Implementations of `Deliver` must not
+//! block: the gateway only queues frames there.
+
+pub mod memory;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+pub use memory::MemoryBroker;
+
+/// Room names are shared, never copied per message.
+pub type RoomName = Arc<str>;
+
+/// A message id, totally ordered within a room. Written `<hi>-<lo>`: a Redis stream id
+/// (milliseconds, sequence) or a Kafka position (partition, offset); opaque to clients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId {
+    pub hi: u64,
+    pub lo: u64,
+}
+
+impl MessageId {
+    pub const ZERO: MessageId = MessageId { hi: 0, lo: 0 };
+
+    pub fn new(hi: u64, lo: u64) -> Self {
+        Self { hi, lo }
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.hi, self.lo)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed message id")]
+pub struct BadMessageId;
+
+impl FromStr for MessageId {
+    type Err = BadMessageId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (hi, lo) = s.split_once('-').ok_or(BadMessageId)?;
+        Ok(MessageId {
+            hi: hi.parse().map_err(|_| BadMessageId)?,
+            lo: lo.parse().map_err(|_| BadMessageId)?,
+        })
+    }
+}
+
+/// Stored room message kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    Message,
+    System,
+}
+
+impl MessageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Message => "message",
+            MessageKind::System => "system",
+        }
+    }
+}
+
+/// The connection a message came from, so that a sender who joined with `self: false` is skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub instance: Arc<str>,
+    pub session: u64,
+}
+
+/// A room message as the publishing instance hands it to the broker.
+#[derive(Debug)]
+pub struct RoomMessage {
+    pub room: RoomName,
+    pub kind: MessageKind,
+    pub data: Box<RawValue>,
+    /// `None` for server broadcasts.
+    pub sender_id: Option<Arc<str>>,
+    /// Publish time, Unix milliseconds.
+    pub ts_ms: u64,
+    pub origin: Option<Origin>,
+    /// W3C `traceparent` of the publish span, carried to every delivering instance.
+    pub traceparent: Option<String>,
+}
+
+/// A stored room message with its id. Shared by every local recipient.
+#[derive(Debug)]
+pub struct RoomEvent {
+    pub id: MessageId,
+    pub msg: RoomMessage,
+}
+
+/// A message for every connection of one user, on any instance.
+#[derive(Debug)]
+pub struct DirectMessage {
+    pub to: Arc<str>,
+    pub data: Box<RawValue>,
+    pub sender_id: Arc<str>,
+    pub ts_ms: u64,
+    pub traceparent: Option<String>,
+}
+
+/// One connection's presence in a room.
+#[derive(Debug, Clone)]
+pub struct PresenceEntry {
+    pub user_id: Arc<str>,
+    /// Globally unique connection id (the `session_id` of `welcome`).
+    pub conn_id: Arc<str>,
+    /// The client's meta object, with `session_id` added.
+    pub meta: Arc<RawValue>,
+}
+
+#[derive(Debug, Default)]
+pub struct PresenceDiff {
+    pub room: RoomName,
+    pub joins: Vec<PresenceEntry>,
+    pub leaves: Vec<PresenceEntry>,
+}
+
+/// What `since` replay found.
+#[derive(Debug, Default)]
+pub struct History {
+    /// Messages after the requested id, oldest first.
+    pub events: Vec<Arc<RoomEvent>>,
+    /// Some message after the requested id is no longer retained.
+    pub gap: bool,
+}
+
+/// One instance's heartbeat.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub address: String,
+    pub started_at: String,
+    pub connections: usize,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot take the request now (down, failing over); nothing was written.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker error: {0}")]
+    Other(String),
+}
+
+/// Resolves once a subscription is live.
+pub type Subscribed = BoxFuture<'static, Result<(), BrokerError>>;
+
+/// Where an adapter hands what it receives. Must not block.
+pub trait Deliver: Send + Sync + 'static {
+    fn room_event(&self, event: Arc<RoomEvent>);
+    fn direct(&self, msg: Arc<DirectMessage>);
+    fn presence(&self, diff: Arc<PresenceDiff>);
+}
+
+#[async_trait::async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// `memory`, `redis` or `kafka`.
+    fn kind(&self) -> &'static str;
+
+    /// Connected and able to take writes.
+    fn is_ready(&self) -> bool;
+
+    /// Stores `msg` in the room's history and fans it out to every subscribed instance.
+    /// Returns once the message is durable as configured; its id is the history id.
+    async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError>;
+
+    /// Starts live delivery of `room` to this instance. The interest is registered before this
+    /// returns, so calls made in order under the caller's lock keep that order; the future
+    /// resolves once every message published afterwards will be delivered.
+    fn subscribe(&self, room: &RoomName) -> Subscribed;
+
+    /// Stops live delivery of `room`; registered before this returns, like `subscribe`.
+    fn unsubscribe(&self, room: &RoomName);
+
+    /// Retained messages of `room` after `after`, oldest first, at most `limit` (the newest).
+    async fn history_after(
+        &self,
+        room: &RoomName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<History, BrokerError>;
+
+    /// Delivers `msg` to every connection of `msg.to` on every instance.
+    async fn send_direct(&self, msg: DirectMessage) -> Result<(), BrokerError>;
+
+    /// Starts delivery of direct messages for `user` to this instance (same ordering rule as
+    /// `subscribe`).
+    fn subscribe_user(&self, user: &Arc<str>) -> Subscribed;
+
+    fn unsubscribe_user(&self, user: &Arc<str>);
+
+    /// Adds or replaces a connection's presence and announces the diff to the room everywhere.
+    async fn track(&self, room: &RoomName, entry: PresenceEntry) -> Result<(), BrokerError>;
+
+    /// Removes a connection's presence (if any) and announces the diff.
+    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError>;
+
+    /// Everyone present in `room`, on every instance.
+    async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError>;
+
+    /// Records this instance as alive.
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError>;
+
+    /// Every instance whose heartbeat is alive.
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError>;
+}

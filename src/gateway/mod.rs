@@ -1,0 +1,522 @@
+//! WebSocket sessions, local rooms and fan-out.
+//!
+//! [`Hub`] is this instance's registry of sessions, room members and users; it receives what
+//! the broker delivers ([`Deliver`]) and queues it to local connections, serializing each
+//! message once. [`Gateway`] joins the hub, the broker and the configuration; [`session`] runs
+//! one connection.
+
+pub mod queue;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::FutureExt;
+use futures_util::future::Shared;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Authenticator, Identity};
+use crate::broker::{
+    Broker, BrokerError, Deliver, DirectMessage, InstanceInfo, MessageId, PresenceDiff,
+    PresenceEntry, RoomEvent, RoomName, Subscribed,
+};
+use crate::config::Config;
+use crate::protocol::{ServerFrame, close, format_ts};
+use crate::telemetry::metric;
+use queue::{Pushed, SendQueue};
+
+/// One WebSocket connection, as the rest of the instance sees it.
+pub struct Session {
+    /// Instance-local number.
+    pub id: u64,
+    /// Globally unique id, `<instance>:<n>` (the `session_id` of `welcome`).
+    pub public_id: Arc<str>,
+    pub identity: Identity,
+    pub queue: SendQueue,
+    /// Milliseconds since the hub started when the client last sent anything.
+    last_seen_ms: AtomicU64,
+    ping_outstanding: AtomicBool,
+    /// Wakes the reader when the server starts closing the connection.
+    closing: tokio::sync::Notify,
+}
+
+impl Session {
+    /// Queues a frame, applying the overflow policy.
+    pub fn send(&self, frame: Utf8Bytes) {
+        match self.queue.push(frame) {
+            Pushed::Queued | Pushed::Closed => {}
+            Pushed::Dropped => metric::dropped(self.queue.policy()),
+            Pushed::Overflowed => {
+                metric::dropped(self.queue.policy());
+                self.closing.notify_one();
+                tracing::info!(session = %self.public_id, "slow consumer disconnected");
+            }
+        }
+    }
+
+    pub fn send_text(&self, text: String) {
+        self.send(Utf8Bytes::from(text));
+    }
+
+    /// Closes after the frames already queued.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        if self.queue.close(code, reason, false) {
+            self.closing.notify_one();
+        }
+    }
+}
+
+/// A local member of a room.
+struct Member {
+    session: Arc<Session>,
+    echo_self: bool,
+    /// Set while a `since` replay is running: live events wait here instead of the queue.
+    replay_buffer: Option<Arc<Mutex<Vec<Arc<RoomEvent>>>>>,
+}
+
+struct Room {
+    members: Vec<Member>,
+    /// Resolves once the broker delivers this room here.
+    subscribed: Shared<Subscribed>,
+}
+
+/// This instance's sessions, rooms and users.
+pub struct Hub {
+    instance_id: Arc<str>,
+    started: Instant,
+    rooms: RwLock<HashMap<RoomName, Room>>,
+    users: RwLock<HashMap<Arc<str>, Vec<Arc<Session>>>>,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+}
+
+/// What `Hub::join` did.
+pub struct Joined {
+    pub subscribed: Shared<Subscribed>,
+    pub already_member: bool,
+}
+
+impl Hub {
+    pub fn new(instance_id: Arc<str>) -> Self {
+        Self {
+            instance_id,
+            started: Instant::now(),
+            rooms: RwLock::default(),
+            users: RwLock::default(),
+            sessions: Mutex::default(),
+        }
+    }
+
+    pub fn instance_id(&self) -> &Arc<str> {
+        &self.instance_id
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn connections(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.read().unwrap().len()
+    }
+
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Adds `session` to `room`, subscribing the room at the broker if it is the first member.
+    /// With `replay`, live events for this member are held until [`Hub::finish_replay`].
+    fn join(
+        &self,
+        broker: &dyn Broker,
+        room: &RoomName,
+        session: &Arc<Session>,
+        echo_self: bool,
+        replay: bool,
+    ) -> Joined {
+        let mut rooms = self.rooms.write().unwrap();
+        let entry = rooms.entry(room.clone()).or_insert_with(|| {
+            metric::rooms_changed(1);
+            Room {
+                members: Vec::new(),
+                subscribed: broker.subscribe(room).shared(),
+            }
+        });
+        let subscribed = entry.subscribed.clone();
+        if let Some(m) = entry
+            .members
+            .iter_mut()
+            .find(|m| m.session.id == session.id)
+        {
+            m.echo_self = echo_self;
+            return Joined {
+                subscribed,
+                already_member: true,
+            };
+        }
+        entry.members.push(Member {
+            session: session.clone(),
+            echo_self,
+            replay_buffer: replay.then(Arc::default),
+        });
+        Joined {
+            subscribed,
+            already_member: false,
+        }
+    }
+
+    /// Removes `session` from `room`; unsubscribes the room when it was the last member.
+    /// Returns whether it was a member.
+    fn leave(&self, broker: &dyn Broker, room: &RoomName, session_id: u64) -> bool {
+        let mut rooms = self.rooms.write().unwrap();
+        let Some(entry) = rooms.get_mut(room) else {
+            return false;
+        };
+        let Some(i) = entry.members.iter().position(|m| m.session.id == session_id) else {
+            return false;
+        };
+        entry.members.swap_remove(i);
+        if entry.members.is_empty() {
+            rooms.remove(room);
+            broker.unsubscribe(room);
+            metric::rooms_changed(-1);
+        }
+        true
+    }
+
+    /// Ends a `since` replay: queues the live events held meanwhile that are newer than
+    /// `delivered_through`, and delivers live from now on. Runs under the rooms lock so no
+    /// event slips between the buffer and the queue.
+    fn finish_replay(&self, room: &RoomName, session_id: u64, delivered_through: MessageId) {
+        let mut rooms = self.rooms.write().unwrap();
+        let Some(member) = rooms
+            .get_mut(room)
+            .and_then(|r| r.members.iter_mut().find(|m| m.session.id == session_id))
+        else {
+            return;
+        };
+        let Some(buffer) = member.replay_buffer.take() else {
+            return;
+        };
+        let held = std::mem::take(&mut *buffer.lock().unwrap());
+        for event in held.iter().filter(|e| e.id > delivered_through) {
+            member.session.send(room_event_frame(event));
+        }
+    }
+
+    /// Registers `session`; the first connection of a user subscribes the user's direct messages.
+    fn add_session(&self, broker: &dyn Broker, session: &Arc<Session>) -> Option<Subscribed> {
+        self.sessions
+            .lock()
+            .unwrap()
+            .insert(session.id, session.clone());
+        metric::connections_changed(1);
+        let mut users = self.users.write().unwrap();
+        let user = &session.identity.user_id;
+        let list = users.entry(user.clone()).or_default();
+        list.push(session.clone());
+        (list.len() == 1).then(|| broker.subscribe_user(user))
+    }
+
+    fn remove_session(&self, broker: &dyn Broker, session: &Session) {
+        if self.sessions.lock().unwrap().remove(&session.id).is_some() {
+            metric::connections_changed(-1);
+        }
+        let mut users = self.users.write().unwrap();
+        let user = &session.identity.user_id;
+        if let Some(list) = users.get_mut(user) {
+            list.retain(|s| s.id != session.id);
+            if list.is_empty() {
+                users.remove(user);
+                broker.unsubscribe_user(user);
+            }
+        }
+    }
+
+    /// Pings quiet connections, closes silent ones and those whose token expired.
+    pub fn sweep(&self, idle_timeout: Duration, ping_interval: Duration) {
+        let now = self.now_ms();
+        let now_unix = crate::protocol::now_ms() / 1000;
+        for session in self.sessions() {
+            let quiet = now.saturating_sub(session.last_seen_ms.load(Ordering::Relaxed));
+            if quiet >= idle_timeout.as_millis() as u64 {
+                session.close(close::NORMAL, "idle timeout");
+            } else if session.identity.expires_at <= now_unix {
+                session.close(close::POLICY, "token expired");
+            } else if quiet >= ping_interval.as_millis() as u64
+                && !session.ping_outstanding.swap(true, Ordering::Relaxed)
+            {
+                session.queue.ping();
+            }
+        }
+    }
+}
+
+/// `message`/`system` frame of a stored event: what every local recipient gets.
+pub fn room_event_frame(event: &RoomEvent) -> Utf8Bytes {
+    let ts = format_ts(event.msg.ts_ms);
+    let id = event.id.to_string();
+    let frame = ServerFrame {
+        ts: Some(&ts),
+        sender_id: event.msg.sender_id.as_deref(),
+        id: Some(&id),
+        ..ServerFrame::new(
+            event.msg.kind.as_str(),
+            Some(&event.msg.room),
+            &*event.msg.data,
+        )
+    };
+    Utf8Bytes::from(frame.to_json())
+}
+
+fn presence_map(entries: &[PresenceEntry]) -> serde_json::Map<String, serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    for e in entries {
+        let meta: serde_json::Value =
+            serde_json::from_str(e.meta.get()).unwrap_or(serde_json::Value::Null);
+        match map
+            .entry(e.user_id.to_string())
+            .or_insert_with(|| serde_json::Value::Array(vec![]))
+        {
+            serde_json::Value::Array(list) => list.push(meta),
+            _ => unreachable!("presence lists are arrays"),
+        }
+    }
+    map
+}
+
+impl Deliver for Hub {
+    fn room_event(&self, event: Arc<RoomEvent>) {
+        // Serialize once; every recipient shares the bytes.
+        let frame = room_event_frame(&event);
+        let own_origin = event
+            .msg
+            .origin
+            .as_ref()
+            .filter(|o| o.instance == self.instance_id)
+            .map(|o| o.session);
+        let rooms = self.rooms.read().unwrap();
+        let Some(room) = rooms.get(&event.msg.room) else {
+            return;
+        };
+        let mut delivered = 0u64;
+        for member in &room.members {
+            if !member.echo_self && Some(member.session.id) == own_origin {
+                continue;
+            }
+            if let Some(buffer) = &member.replay_buffer {
+                buffer.lock().unwrap().push(event.clone());
+                continue;
+            }
+            member.session.send(frame.clone());
+            delivered += 1;
+        }
+        metric::delivered(event.msg.kind.as_str(), delivered);
+    }
+
+    fn direct(&self, msg: Arc<DirectMessage>) {
+        let users = self.users.read().unwrap();
+        let Some(sessions) = users.get(&msg.to) else {
+            return;
+        };
+        let ts = format_ts(msg.ts_ms);
+        let frame = Utf8Bytes::from(
+            ServerFrame {
+                ts: Some(&ts),
+                sender_id: Some(&msg.sender_id),
+                ..ServerFrame::new("direct", None, &*msg.data)
+            }
+            .to_json(),
+        );
+        for s in sessions {
+            s.send(frame.clone());
+        }
+        metric::delivered("direct", sessions.len() as u64);
+    }
+
+    fn presence(&self, diff: Arc<PresenceDiff>) {
+        let data = serde_json::json!({
+            "joins": presence_map(&diff.joins),
+            "leaves": presence_map(&diff.leaves),
+        });
+        let frame = Utf8Bytes::from(
+            ServerFrame::new("presence_diff", Some(&diff.room), &data).to_json(),
+        );
+        let rooms = self.rooms.read().unwrap();
+        if let Some(room) = rooms.get(&diff.room) {
+            for m in &room.members {
+                m.session.send(frame.clone());
+            }
+        }
+    }
+}
+
+/// The instance: hub, broker, auth and configuration.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub auth: Authenticator,
+    pub broker: Arc<dyn Broker>,
+    pub hub: Arc<Hub>,
+    pub started_at: String,
+    /// Address other instances and operators reach this one at (for heartbeats).
+    pub advertised_address: String,
+    draining: AtomicBool,
+    next_session: AtomicU64,
+}
+
+impl Gateway {
+    pub fn new(
+        config: Arc<Config>,
+        auth: Authenticator,
+        broker: Arc<dyn Broker>,
+        hub: Arc<Hub>,
+        advertised_address: String,
+    ) -> Self {
+        Self {
+            config,
+            auth,
+            broker,
+            hub,
+            started_at: format_ts(crate::protocol::now_ms()),
+            advertised_address,
+            draining: AtomicBool::new(false),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    pub fn instance_id(&self) -> &Arc<str> {
+        self.hub.instance_id()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_ready()
+    }
+
+    pub fn instance_info(&self) -> InstanceInfo {
+        InstanceInfo {
+            id: self.instance_id().to_string(),
+            address: self.advertised_address.clone(),
+            started_at: self.started_at.clone(),
+            connections: self.hub.connections(),
+            version: crate::VERSION.to_string(),
+        }
+    }
+
+    /// Registers a new connection.
+    fn open_session(&self, identity: Identity) -> (Arc<Session>, Option<Subscribed>) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let ws = &self.config.ws;
+        let session = Arc::new(Session {
+            id,
+            public_id: format!("{}:{id}", self.instance_id()).into(),
+            identity,
+            queue: SendQueue::new(ws.send_queue_max, ws.overflow_policy),
+            last_seen_ms: AtomicU64::new(self.hub.now_ms()),
+            ping_outstanding: AtomicBool::new(false),
+            closing: tokio::sync::Notify::new(),
+        });
+        let user_subscribed = self.hub.add_session(&*self.broker, &session);
+        (session, user_subscribed)
+    }
+
+    /// Records that the client sent something.
+    fn touch(&self, session: &Session) {
+        session
+            .last_seen_ms
+            .store(self.hub.now_ms(), Ordering::Relaxed);
+        session.ping_outstanding.store(false, Ordering::Relaxed);
+    }
+
+    /// Leaves every room, drops presence and unregisters the connection.
+    async fn close_session(&self, session: &Arc<Session>, rooms: &[RoomName]) {
+        for room in rooms {
+            self.hub.leave(&*self.broker, room, session.id);
+            if let Err(e) = self.broker.untrack(room, &session.public_id).await {
+                tracing::warn!(error = %e, room = %room, "presence cleanup failed");
+            }
+        }
+        self.hub.remove_session(&*self.broker, session);
+        // Stops the writer if the client went away without a close handshake.
+        session.queue.close(close::NORMAL, "", true);
+    }
+
+    /// Starts draining: readiness turns false, every client gets a `system` notice and is
+    /// closed with 1001. Returns once all connections ended or `grace` passed.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        let notice = Utf8Bytes::from(
+            ServerFrame::new(
+                "system",
+                None,
+                &serde_json::json!({"event": "draining", "grace_ms": grace.as_millis() as u64}),
+            )
+            .to_json(),
+        );
+        let sessions = self.hub.sessions();
+        tracing::info!(connections = sessions.len(), "draining");
+        for s in &sessions {
+            s.send(notice.clone());
+            s.close(close::GOING_AWAY, "server shutting down");
+        }
+        let deadline = Instant::now() + grace;
+        while self.hub.connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Periodic work: liveness sweep and heartbeat.
+    pub async fn run_maintenance(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_heartbeat: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let ws = &self.config.ws;
+            self.hub.sweep(ws.idle_timeout, ws.ping_interval);
+            if last_heartbeat.is_none_or(|t| t.elapsed() >= HEARTBEAT_INTERVAL) {
+                last_heartbeat = Some(Instant::now());
+                if let Err(e) = self.broker.heartbeat(&self.instance_info()).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+                metric::upkeep();
+            }
+        }
+    }
+}
+
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Builds the meta stored for a tracked connection: the client's object plus `session_id`.
+fn presence_meta(data: Option<&RawValue>, session: &Session) -> Result<Box<RawValue>, ()> {
+    let mut meta = match data {
+        None => serde_json::Map::new(),
+        Some(raw) => match serde_json::from_str::<serde_json::Value>(raw.get()) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => return Err(()),
+        },
+    };
+    meta.insert(
+        "session_id".into(),
+        serde_json::Value::String(session.public_id.to_string()),
+    );
+    serde_json::value::to_raw_value(&meta).map_err(|_| ())
+}
+
+pub(crate) fn unavailable_message(e: &BrokerError) -> String {
+    match e {
+        BrokerError::Unavailable(why) => format!("broker unavailable, retry later: {why}"),
+        BrokerError::Other(why) => format!("broker error: {why}"),
+    }
+}

@@ -1,0 +1,224 @@
+//! The bounded per-connection send queue and its overflow policies.
+//!
+//! Producers (fan-out, request handlers) push without waiting; the connection's writer task
+//! drains the queue. Frames are shared bytes: pushing one to many queues copies no payload.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::Notify;
+
+use crate::config::OverflowPolicy;
+use crate::protocol::close;
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The queue was full and a frame was dropped (the oldest or this one, by policy).
+    Dropped,
+    /// The queue was full under `disconnect`: the connection is now closing with 1013.
+    Overflowed,
+    /// The connection is closing; the frame was discarded.
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseFrame {
+    pub code: u16,
+    pub reason: Utf8Bytes,
+}
+
+#[derive(Default)]
+struct Inner {
+    frames: VecDeque<Utf8Bytes>,
+    ping: bool,
+    close: Option<CloseFrame>,
+    /// The writer took the close frame: nothing more will be written.
+    finished: bool,
+}
+
+/// What the writer takes in one go.
+#[derive(Default)]
+pub struct Batch {
+    pub frames: Vec<Utf8Bytes>,
+    pub ping: bool,
+    pub close: Option<CloseFrame>,
+}
+
+pub struct SendQueue {
+    inner: Mutex<Inner>,
+    wake: Notify,
+    max: usize,
+    policy: OverflowPolicy,
+}
+
+impl SendQueue {
+    pub fn new(max: usize, policy: OverflowPolicy) -> Self {
+        Self {
+            inner: Mutex::default(),
+            wake: Notify::new(),
+            max,
+            policy,
+        }
+    }
+
+    pub fn policy(&self) -> OverflowPolicy {
+        self.policy
+    }
+
+    pub fn push(&self, frame: Utf8Bytes) -> Pushed {
+        let mut q = self.inner.lock().unwrap();
+        if q.close.is_some() {
+            return Pushed::Closed;
+        }
+        let mut outcome = Pushed::Queued;
+        if q.frames.len() >= self.max {
+            match self.policy {
+                OverflowPolicy::DropOldest => {
+                    q.frames.pop_front();
+                    outcome = Pushed::Dropped;
+                }
+                OverflowPolicy::DropNew => return Pushed::Dropped,
+                OverflowPolicy::Disconnect => {
+                    q.frames.clear();
+                    q.close = Some(CloseFrame {
+                        code: close::TRY_AGAIN_LATER,
+                        reason: Utf8Bytes::from_static("slow consumer"),
+                    });
+                    drop(q);
+                    self.wake.notify_one();
+                    return Pushed::Overflowed;
+                }
+            }
+        }
+        q.frames.push_back(frame);
+        drop(q);
+        self.wake.notify_one();
+        outcome
+    }
+
+    /// Asks the writer for a WebSocket ping (liveness).
+    pub fn ping(&self) {
+        let mut q = self.inner.lock().unwrap();
+        if q.close.is_none() {
+            q.ping = true;
+            drop(q);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Closes the connection after the frames already queued (or at once, discarding them).
+    /// Returns false if it was already closing.
+    pub fn close(&self, code: u16, reason: &'static str, discard_pending: bool) -> bool {
+        let mut q = self.inner.lock().unwrap();
+        if q.close.is_some() {
+            return false;
+        }
+        if discard_pending {
+            q.frames.clear();
+        }
+        q.close = Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        });
+        drop(q);
+        self.wake.notify_one();
+        true
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.inner.lock().unwrap().close.is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits for work and moves it into `batch` (reusing its allocation). `None` once the
+    /// close frame has been handed out.
+    pub async fn next_batch(&self, batch: &mut Batch) -> Option<()> {
+        loop {
+            {
+                let mut q = self.inner.lock().unwrap();
+                if q.finished {
+                    return None;
+                }
+                if !q.frames.is_empty() || q.ping || q.close.is_some() {
+                    batch.frames.extend(q.frames.drain(..));
+                    batch.ping = std::mem::take(&mut q.ping);
+                    batch.close = q.close.clone();
+                    q.finished = q.close.is_some();
+                    if q.frames.capacity() > 4 * self.max.min(64) {
+                        // Give back memory a burst grew.
+                        q.frames.shrink_to(self.max.min(64));
+                    }
+                    return Some(());
+                }
+            }
+            self.wake.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(s: &'static str) -> Utf8Bytes {
+        Utf8Bytes::from_static(s)
+    }
+
+    async fn drain(q: &SendQueue) -> Batch {
+        let mut b = Batch::default();
+        q.next_batch(&mut b).await.unwrap();
+        b
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_keeps_newest() {
+        let q = SendQueue::new(2, OverflowPolicy::DropOldest);
+        assert_eq!(q.push(f("1")), Pushed::Queued);
+        assert_eq!(q.push(f("2")), Pushed::Queued);
+        assert_eq!(q.push(f("3")), Pushed::Dropped);
+        assert_eq!(drain(&q).await.frames, vec![f("2"), f("3")]);
+    }
+
+    #[tokio::test]
+    async fn drop_new_keeps_oldest() {
+        let q = SendQueue::new(2, OverflowPolicy::DropNew);
+        q.push(f("1"));
+        q.push(f("2"));
+        assert_eq!(q.push(f("3")), Pushed::Dropped);
+        assert_eq!(drain(&q).await.frames, vec![f("1"), f("2")]);
+    }
+
+    #[tokio::test]
+    async fn disconnect_closes_with_1013() {
+        let q = SendQueue::new(1, OverflowPolicy::Disconnect);
+        q.push(f("1"));
+        assert_eq!(q.push(f("2")), Pushed::Overflowed);
+        assert_eq!(q.push(f("3")), Pushed::Closed);
+        let b = drain(&q).await;
+        assert!(b.frames.is_empty());
+        assert_eq!(b.close.unwrap().code, 1013);
+        let mut again = Batch::default();
+        assert!(q.next_batch(&mut again).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn close_after_pending_frames() {
+        let q = SendQueue::new(4, OverflowPolicy::DropOldest);
+        q.push(f("bye"));
+        assert!(q.close(1001, "draining", false));
+        assert!(!q.close(1000, "again", false));
+        let b = drain(&q).await;
+        assert_eq!(b.frames, vec![f("bye")]);
+        assert_eq!(b.close.unwrap().code, 1001);
+    }
+}

@@ -1,0 +1,527 @@
+//! One WebSocket connection: a reader that handles requests in order, and a writer task that
+//! drains the connection's send queue.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{self, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{Gateway, Session, presence_map, presence_meta, unavailable_message};
+use crate::auth::{Identity, may_access};
+use crate::broker::{DirectMessage, MessageId, MessageKind, Origin, RoomMessage, RoomName};
+use crate::protocol::{
+    ClientFrame, ErrorCode, RequestKind, ServerFrame, ack_frame, close, error_frame, is_object,
+    now_ms, valid_room,
+};
+use crate::telemetry::metric;
+
+/// How long the reader waits for the client's close reply after the server closed.
+const CLOSE_HANDSHAKE_WAIT: Duration = Duration::from_secs(2);
+
+/// Accepts the socket only to close it: a failed authentication creates no state.
+pub async fn reject(mut socket: WebSocket, code: u16, reason: String) {
+    let frame = ws::CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+    // Give the client a moment to answer the close handshake.
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_WAIT, async {
+        while let Some(Ok(msg)) = socket.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Runs a connection until it ends.
+pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
+    let (session, user_subscribed) = gw.open_session(identity);
+    let welcome = serde_json::json!({
+        "user_id": &*session.identity.user_id,
+        "instance_id": &**gw.instance_id(),
+        "session_id": &*session.public_id,
+    });
+    session.send_text(ServerFrame::new("welcome", None, &welcome).to_json());
+
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(write_loop(sink, session.clone()));
+    if let Some(subscribed) = user_subscribed
+        && let Err(e) = subscribed.await
+    {
+        tracing::warn!(error = %e, "direct-message subscription failed");
+    }
+
+    let mut conn = Connection::new(gw.clone(), session.clone());
+    conn.read_loop(stream).await;
+    gw.close_session(&session, &conn.rooms).await;
+    let _ = writer.await;
+}
+
+async fn write_loop(mut sink: SplitSink<WebSocket, Message>, session: Arc<Session>) {
+    let mut batch = super::queue::Batch::default();
+    while session.queue.next_batch(&mut batch).await.is_some() {
+        for frame in batch.frames.drain(..) {
+            if sink.feed(Message::Text(frame)).await.is_err() {
+                return;
+            }
+        }
+        if std::mem::take(&mut batch.ping) && sink.feed(Message::Ping(Default::default())).await.is_err() {
+            return;
+        }
+        if let Some(c) = batch.close.take() {
+            let frame = ws::CloseFrame {
+                code: c.code,
+                reason: c.reason,
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
+            return;
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct DirectTarget<'a> {
+    #[serde(borrow)]
+    to: Option<&'a str>,
+}
+
+/// Reader-side state of a connection.
+struct Connection {
+    gw: Arc<Gateway>,
+    session: Arc<Session>,
+    /// Rooms joined, for cleanup.
+    rooms: Vec<RoomName>,
+    limiter: DefaultDirectRateLimiter,
+    /// Bad frames so far (binary, non-JSON, oversized).
+    violations: u32,
+    /// Requests refused by the rate limit since the last accepted one.
+    refused_in_a_row: u32,
+}
+
+/// A request failed: the error frame to send.
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+type Reply = Result<Option<String>, Refusal>;
+
+impl Connection {
+    fn new(gw: Arc<Gateway>, session: Arc<Session>) -> Self {
+        let ws = &gw.config.ws;
+        let quota = Quota::per_second(NonZeroU32::new(ws.rate_limit_per_sec).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(ws.rate_limit_burst).unwrap_or(NonZeroU32::MIN));
+        Self {
+            gw,
+            session,
+            rooms: Vec::new(),
+            limiter: RateLimiter::direct(quota),
+            violations: 0,
+            refused_in_a_row: 0,
+        }
+    }
+
+    async fn read_loop(&mut self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                _ = self.session.closing.notified() => break,
+            };
+            let msg = match next {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    if is_capacity_error(&e) {
+                        metric::bad_frame("too_large");
+                        self.session.close(close::TOO_BIG, "frame too large");
+                        break;
+                    }
+                    tracing::debug!(error = %e, "websocket read failed");
+                    return;
+                }
+                None => return,
+            };
+            self.gw.touch(&self.session);
+            match msg {
+                Message::Text(text) => self.on_text(&text).await,
+                Message::Binary(_) => {
+                    self.violation(ErrorCode::BadRequest, "binary frames are not supported")
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                Message::Close(_) => return,
+            }
+            if self.session.queue.is_closing() {
+                break;
+            }
+        }
+        // The server is closing: wait briefly for the client's close reply.
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_WAIT, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// A bad frame: reply with an error, and close once the client has sent too many.
+    fn violation(&mut self, code: ErrorCode, message: &str) {
+        metric::bad_frame(code.as_str());
+        self.send(error_frame(code, message, None, None));
+        self.violations += 1;
+        if self.violations >= self.gw.config.ws.max_violations {
+            let (close_code, reason) = if code == ErrorCode::TooLarge {
+                (close::TOO_BIG, "too many oversized frames")
+            } else {
+                (close::POLICY, "too many malformed frames")
+            };
+            self.session.close(close_code, reason);
+        }
+    }
+
+    fn send(&self, frame: String) {
+        self.session.send_text(frame);
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        if self.limiter.check().is_err() {
+            metric::rate_limited();
+            self.refused_in_a_row += 1;
+            if self.refused_in_a_row > self.gw.config.ws.rate_limit_burst {
+                self.session.close(close::POLICY, "rate limit exceeded");
+                return;
+            }
+            let reference = serde_json::from_str::<ClientFrame>(text)
+                .ok()
+                .and_then(|f| f.reference);
+            self.send(error_frame(
+                ErrorCode::RateLimited,
+                "too many requests, slow down",
+                None,
+                reference,
+            ));
+            return;
+        }
+        self.refused_in_a_row = 0;
+
+        let max = self.gw.config.ws.max_frame_bytes;
+        if text.len() > max {
+            self.violation(
+                ErrorCode::TooLarge,
+                &format!("frame of {} bytes is over the {max}-byte limit", text.len()),
+            );
+            return;
+        }
+        let frame: ClientFrame = match serde_json::from_str(text) {
+            Ok(f) => f,
+            Err(e) if e.is_data() => {
+                self.send(error_frame(
+                    ErrorCode::BadRequest,
+                    &format!("bad envelope: {e}"),
+                    None,
+                    None,
+                ));
+                return;
+            }
+            Err(e) => {
+                self.violation(ErrorCode::BadRequest, &format!("not a JSON object: {e}"));
+                return;
+            }
+        };
+        let reference = frame.reference;
+        let Some(kind_name) = frame.kind else {
+            self.send(error_frame(
+                ErrorCode::BadRequest,
+                "`type` is required",
+                None,
+                reference,
+            ));
+            return;
+        };
+        let Some(kind) = RequestKind::parse(kind_name) else {
+            self.send(error_frame(
+                ErrorCode::UnknownType,
+                &format!("unknown type `{kind_name}`"),
+                frame.room.as_deref(),
+                reference,
+            ));
+            return;
+        };
+        metric::message_in(kind.as_str());
+        let room = frame.room.clone();
+        let reply = match kind {
+            RequestKind::Ping => {
+                self.send(
+                    ServerFrame {
+                        reference,
+                        ..ServerFrame::new("pong", None, &serde_json::json!({}))
+                    }
+                    .to_json(),
+                );
+                return;
+            }
+            RequestKind::Join => self.join(&frame).await,
+            RequestKind::Leave => self.leave(&frame).await,
+            RequestKind::Message => self.publish(&frame).await,
+            RequestKind::Direct => self.direct(&frame).await,
+            RequestKind::Track => self.track(&frame).await,
+            RequestKind::Untrack => self.untrack(&frame).await,
+        };
+        match reply {
+            Ok(Some(data)) => {
+                if reference.is_some() {
+                    let data = RawValue::from_string(data).expect("reply data is JSON");
+                    self.send(ack_frame(room.as_deref(), &*data, reference));
+                }
+            }
+            Ok(None) => {}
+            Err(r) => self.send(error_frame(r.code, &r.message, room.as_deref(), reference)),
+        }
+    }
+
+    /// The request's room, checked for syntax and access.
+    fn room_of(&self, frame: &ClientFrame) -> Result<RoomName, Refusal> {
+        let Some(room) = frame.room.as_deref() else {
+            return Err(Refusal::new(ErrorCode::RoomRequired, "`room` is required"));
+        };
+        if !valid_room(room) {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "room names are 1 to 200 bytes of [A-Za-z0-9:_.@-]",
+            ));
+        }
+        if !may_access(&self.session.identity, room, self.gw.config.rooms.policy) {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!("no access to room `{room}`"),
+            ));
+        }
+        Ok(RoomName::from(room))
+    }
+
+    fn origin(&self) -> Origin {
+        Origin {
+            instance: self.gw.instance_id().clone(),
+            session: self.session.id,
+        }
+    }
+
+    async fn join(&mut self, frame: &ClientFrame<'_>) -> Reply {
+        let room = self.room_of(frame)?;
+        let since = match frame.since.as_deref() {
+            None => None,
+            Some(s) => Some(
+                s.parse::<MessageId>()
+                    .map_err(|_| Refusal::new(ErrorCode::BadRequest, "`since` is not a message id"))?,
+            ),
+        };
+        let echo_self = frame.echo_self.unwrap_or(true);
+        let gw = &self.gw;
+        let joined = gw
+            .hub
+            .join(&*gw.broker, &room, &self.session, echo_self, since.is_some());
+        if joined.already_member {
+            return Ok(Some("{}".into()));
+        }
+        if let Err(e) = joined.subscribed.await {
+            gw.hub.leave(&*gw.broker, &room, self.session.id);
+            return Err(Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)));
+        }
+        self.rooms.push(room.clone());
+        metric::joined();
+
+        let mut reply = Ok(Some("{}".to_string()));
+        if let Some(since) = since {
+            let mut delivered_through = since;
+            match gw
+                .broker
+                .history_after(&room, since, gw.config.broker.replay_limit)
+                .await
+            {
+                Ok(history) if history.gap => {
+                    // The client is told; it gets live messages from here on.
+                    reply = Err(Refusal::new(
+                        ErrorCode::HistoryGap,
+                        "messages after `since` are no longer retained",
+                    ));
+                    delivered_through = MessageId::ZERO;
+                }
+                Ok(history) => {
+                    for event in &history.events {
+                        self.session.send(super::room_event_frame(event));
+                        delivered_through = event.id;
+                    }
+                }
+                Err(e) => {
+                    self.leave_room(&room).await;
+                    return Err(Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)));
+                }
+            }
+            gw.hub
+                .finish_replay(&room, self.session.id, delivered_through);
+        }
+
+        match gw.broker.presence(&room).await {
+            Ok(entries) => {
+                let state = serde_json::Value::Object(presence_map(&entries));
+                self.send(ServerFrame::new("presence_state", Some(&room), &state).to_json());
+            }
+            Err(e) => tracing::warn!(error = %e, room = %room, "presence state unavailable"),
+        }
+        reply
+    }
+
+    async fn leave_room(&mut self, room: &RoomName) -> bool {
+        let gw = &self.gw;
+        let was_member = gw.hub.leave(&*gw.broker, room, self.session.id);
+        self.rooms.retain(|r| r != room);
+        if was_member && let Err(e) = gw.broker.untrack(room, &self.session.public_id).await {
+            tracing::warn!(error = %e, room = %room, "presence cleanup failed");
+        }
+        was_member
+    }
+
+    async fn leave(&mut self, frame: &ClientFrame<'_>) -> Reply {
+        let Some(room) = frame.room.as_deref() else {
+            return Err(Refusal::new(ErrorCode::RoomRequired, "`room` is required"));
+        };
+        let room = RoomName::from(room);
+        self.leave_room(&room).await;
+        Ok(Some("{}".into()))
+    }
+
+    /// `data`, or `{"text": ...}` from the shorthand; must be an object.
+    fn payload(frame: &ClientFrame) -> Result<Box<RawValue>, Refusal> {
+        match (frame.data, &frame.text) {
+            (Some(data), _) if is_object(data) => Ok(data.to_owned()),
+            (Some(_), _) => Err(Refusal::new(ErrorCode::BadRequest, "`data` must be an object")),
+            (None, Some(text)) => Ok(serde_json::value::to_raw_value(
+                &serde_json::json!({ "text": text }),
+            )
+            .expect("JSON object")),
+            (None, None) => Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "`data` (an object) or `text` is required",
+            )),
+        }
+    }
+
+    async fn publish(&mut self, frame: &ClientFrame<'_>) -> Reply {
+        let room = self.room_of(frame)?;
+        let data = Self::payload(frame)?;
+        let msg = RoomMessage {
+            room,
+            kind: MessageKind::Message,
+            data,
+            sender_id: Some(self.session.identity.user_id.clone()),
+            ts_ms: now_ms(),
+            origin: Some(self.origin()),
+            traceparent: None,
+        };
+        let started = std::time::Instant::now();
+        let id = self
+            .gw
+            .broker
+            .publish(msg)
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
+        metric::publish_latency(started.elapsed());
+        Ok(Some(format!(r#"{{"id":"{id}"}}"#)))
+    }
+
+    async fn direct(&mut self, frame: &ClientFrame<'_>) -> Reply {
+        let data = frame
+            .data
+            .filter(|d| is_object(d))
+            .ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "`data` must be an object"))?;
+        let to = serde_json::from_str::<DirectTarget>(data.get())
+            .ok()
+            .and_then(|t| t.to)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "`data.to` (a user id) is required"))?;
+        let msg = DirectMessage {
+            to: to.into(),
+            data: data.to_owned(),
+            sender_id: self.session.identity.user_id.clone(),
+            ts_ms: now_ms(),
+            traceparent: None,
+        };
+        self.gw
+            .broker
+            .send_direct(msg)
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
+        Ok(Some("{}".into()))
+    }
+
+    fn joined_room(&self, frame: &ClientFrame) -> Result<RoomName, Refusal> {
+        let room = self.room_of(frame)?;
+        if !self.rooms.contains(&room) {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("join `{room}` before tracking presence there"),
+            ));
+        }
+        Ok(room)
+    }
+
+    async fn track(&mut self, frame: &ClientFrame<'_>) -> Reply {
+        let room = self.joined_room(frame)?;
+        let meta = presence_meta(frame.data, &self.session)
+            .map_err(|_| Refusal::new(ErrorCode::BadRequest, "`data` must be an object"))?;
+        let entry = crate::broker::PresenceEntry {
+            user_id: self.session.identity.user_id.clone(),
+            conn_id: self.session.public_id.clone(),
+            meta: meta.into(),
+        };
+        self.gw
+            .broker
+            .track(&room, entry)
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
+        Ok(Some("{}".into()))
+    }
+
+    async fn untrack(&mut self, frame: &ClientFrame<'_>) -> Reply {
+        let room = self.joined_room(frame)?;
+        self.gw
+            .broker
+            .untrack(&room, &self.session.public_id)
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
+        Ok(Some("{}".into()))
+    }
+}
+
+fn is_capacity_error(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
+        }
+        source = s.source();
+    }
+    e.to_string().contains("Space limit exceeded") || e.to_string().contains("too long")
+}

@@ -1,0 +1,206 @@
+//! HTTP surface: WebSocket upgrade, REST, health and metrics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::auth::AuthError;
+use crate::broker::{MessageKind, RoomMessage, RoomName};
+use crate::gateway::{Gateway, session, unavailable_message};
+use crate::protocol::{close, is_object, now_ms, valid_room};
+
+/// Bytes the server reads per socket read; small, so idle connections stay small.
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Frames are written once this much is buffered, or when the send queue is drained.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/api/v1/ws", get(websocket))
+        .route("/api/v1/broadcast", post(broadcast))
+        .route("/api/v1/stats", get(stats))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(gw)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+async fn websocket(
+    State(gw): State<Arc<Gateway>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if gw.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    let max_frame = gw.config.ws.max_frame_bytes;
+    // Frames up to 4x the limit are read and answered with `too_large`; beyond, the
+    // connection closes with 1009 without buffering them.
+    let upgrade = upgrade
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_message_size(max_frame.saturating_mul(4))
+        .max_frame_size(max_frame.saturating_mul(4));
+    let token = query
+        .get("token")
+        .map(String::as_str)
+        .or_else(|| bearer(&headers));
+    match gw.auth.verify(token) {
+        Ok(identity) => upgrade.on_upgrade(move |socket| session::run(gw, socket, identity)),
+        Err(e) => {
+            let reason = match e {
+                AuthError::Missing => "missing token".to_string(),
+                AuthError::Expired => "token expired".to_string(),
+                AuthError::Invalid(_) => "invalid token".to_string(),
+            };
+            tracing::debug!(error = %e, "websocket authentication failed");
+            upgrade.on_upgrade(move |socket| session::reject(socket, close::POLICY, reason))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastRequest {
+    room: String,
+    #[serde(rename = "type", default = "default_broadcast_type")]
+    kind: String,
+    data: Box<RawValue>,
+}
+
+fn default_broadcast_type() -> String {
+    "system".into()
+}
+
+fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+async fn broadcast(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    match bearer(&headers) {
+        Some(key) if gw.auth.is_api_key(key) => {}
+        _ => {
+            return api_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a server API key is required (Authorization: Bearer <key>)",
+            );
+        }
+    }
+    let req: BroadcastRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+    };
+    if !valid_room(&req.room) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "room names are 1 to 200 bytes of [A-Za-z0-9:_.@-]",
+        );
+    }
+    let kind = match req.kind.as_str() {
+        "system" => MessageKind::System,
+        "message" => MessageKind::Message,
+        _ => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "`type` is \"system\" or \"message\"",
+            );
+        }
+    };
+    if !is_object(&req.data) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "`data` must be an object",
+        );
+    }
+    let msg = RoomMessage {
+        room: RoomName::from(req.room),
+        kind,
+        data: req.data,
+        sender_id: None,
+        ts_ms: now_ms(),
+        origin: None,
+        traceparent: None,
+    };
+    match gw.broker.publish(msg).await {
+        Ok(id) => Json(json!({"id": id.to_string()})).into_response(),
+        Err(e) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            unavailable_message(&e),
+        ),
+    }
+}
+
+async fn stats(State(gw): State<Arc<Gateway>>) -> Response {
+    let (live, detail) = match gw.broker.instances().await {
+        Ok(list) => {
+            let ids: Vec<String> = list.iter().map(|i| i.id.clone()).collect();
+            (ids, serde_json::to_value(&list).unwrap_or_default())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "instance list unavailable");
+            (Vec::new(), json!([]))
+        }
+    };
+    Json(json!({
+        "instance_id": &**gw.instance_id(),
+        "instances": live.len(),
+        "live_instances": live,
+        "instances_detail": detail,
+        "connections": gw.hub.connections(),
+        "rooms": gw.hub.room_count(),
+        "broker": gw.broker.kind(),
+        "ready": gw.is_ready(),
+        "version": crate::VERSION,
+    }))
+    .into_response()
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if !gw.broker.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable").into_response()
+    } else {
+        (StatusCode::OK, "ready").into_response()
+    }
+}
+
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::render_metrics(),
+    )
+        .into_response()
+}

@@ -1,0 +1,197 @@
+//! The `rtgate` command: wiring only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use rtgate::auth::Authenticator;
+use rtgate::broker::{Broker, MemoryBroker};
+use rtgate::config::{BrokerKind, Config};
+use rtgate::gateway::{Gateway, Hub};
+
+/// Exit status for bad configuration or usage.
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "rtgate", version, about = "Realtime WebSocket gateway")]
+struct Cli {
+    /// TOML config file (else $RTGATE_CONFIG; RTGATE_* variables override it).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Print an HS256 token signed with the configured secret.
+    Token {
+        /// User id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Mark the user as an admin.
+        #[arg(long)]
+        admin: bool,
+        /// Lifetime, e.g. `1h`, `30m`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Load tool: drives gateways over the v1 protocol.
+    Bench(rtgate::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (secrets redacted), or name the bad key (exit 2).
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Bench(args) = command {
+        return run_async(rtgate::bench::run(args));
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rtgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match command {
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Token { sub, admin, ttl } => {
+            if config.auth.jwt_secret.is_empty() {
+                eprintln!(
+                    "rtgate: auth.jwt_secret is not set (config file or RTGATE_AUTH__JWT_SECRET)"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let auth = Authenticator::new(config.auth.jwt_secret.as_bytes(), vec![], Duration::ZERO);
+            println!("{}", auth.issue(&sub, admin, ttl));
+            ExitCode::SUCCESS
+        }
+        Command::Serve => run_async(serve(config)),
+        Command::Bench(_) => unreachable!("handled above"),
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rtgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rtgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(mut config: Config) -> anyhow::Result<()> {
+    rtgate::telemetry::init(&config.telemetry)?;
+    let dev_secret = config.auth.jwt_secret.is_empty();
+    if dev_secret {
+        let bytes: [u8; 24] = rand::rng().random();
+        config.auth.jwt_secret = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        tracing::warn!(
+            "auth.jwt_secret is not set: using an ephemeral secret, for development only"
+        );
+    }
+    if config.server.instance_id.is_empty() {
+        config.server.instance_id = format!("rtg-{:08x}", rand::rng().random::<u32>());
+    }
+    let config = Arc::new(config);
+
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let local = listener.local_addr()?;
+
+    let hub = Arc::new(Hub::new(config.server.instance_id.as_str().into()));
+    let broker: Arc<dyn Broker> = match config.broker.kind {
+        BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone(), config.broker.history_size)),
+    };
+    let auth = Authenticator::new(
+        config.auth.jwt_secret.as_bytes(),
+        config.auth.api_keys.clone(),
+        config.auth.jwt_leeway,
+    );
+    let gw = Arc::new(Gateway::new(
+        config.clone(),
+        auth,
+        broker,
+        hub,
+        local.to_string(),
+    ));
+
+    // Tools and tests read this line to find the port.
+    println!("rtgate {} listening on http://{local}", rtgate::VERSION);
+    let connect_host = if local.ip().is_unspecified() {
+        format!("127.0.0.1:{}", local.port())
+    } else {
+        local.to_string()
+    };
+    if dev_secret {
+        let token = gw.auth.issue("dev", true, Duration::from_secs(24 * 3600));
+        println!("development token (user \"dev\", admin, 24h): {token}");
+        println!("connect: ws://{connect_host}/api/v1/ws?token={token}");
+    }
+    tracing::info!(instance = %gw.instance_id(), broker = gw.broker.kind(), "started");
+
+    let stop = CancellationToken::new();
+    let maintenance = tokio::spawn(gw.clone().run_maintenance(stop.clone()));
+    let drained = CancellationToken::new();
+    let shutdown = {
+        let gw = gw.clone();
+        let drained = drained.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received");
+            gw.drain(gw.config.shutdown.grace).await;
+            drained.cancel();
+        }
+    };
+    axum::serve(listener, rtgate::http::router(gw.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("HTTP server failed")?;
+    drained.cancelled().await;
+    stop.cancel();
+    let _ = maintenance.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

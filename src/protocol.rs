@@ -1,0 +1,241 @@
+//! The v1 wire contract: envelope types, validation, error and close codes.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// WebSocket close codes used by the gateway.
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Error codes carried in `error.data.code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Forbidden,
+    RoomRequired,
+    UnknownType,
+    BadRequest,
+    TooLarge,
+    RateLimited,
+    HistoryGap,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RoomRequired => "room_required",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::HistoryGap => "history_gap",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Longest room name, in bytes.
+pub const MAX_ROOM_LEN: usize = 200;
+
+/// A room name is 1 to 200 bytes of `[A-Za-z0-9:_.@-]`.
+pub fn valid_room(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ROOM_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'.' | b'@' | b'-'))
+}
+
+/// A frame from a client, parsed without copying `data` or `ref`.
+#[derive(Debug, Deserialize)]
+pub struct ClientFrame<'a> {
+    #[serde(rename = "type")]
+    pub kind: Option<&'a str>,
+    #[serde(default)]
+    pub room: Option<String>,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub since: Option<String>,
+    #[serde(rename = "self", default)]
+    pub echo_self: Option<bool>,
+    #[serde(rename = "ref", borrow, default)]
+    pub reference: Option<&'a RawValue>,
+}
+
+/// The request kinds a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Join,
+    Leave,
+    Message,
+    Direct,
+    Track,
+    Untrack,
+    Ping,
+}
+
+impl RequestKind {
+    pub fn parse(kind: &str) -> Option<Self> {
+        Some(match kind {
+            "join" => RequestKind::Join,
+            "leave" => RequestKind::Leave,
+            "message" => RequestKind::Message,
+            "direct" => RequestKind::Direct,
+            "track" => RequestKind::Track,
+            "untrack" => RequestKind::Untrack,
+            "ping" => RequestKind::Ping,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Join => "join",
+            RequestKind::Leave => "leave",
+            RequestKind::Message => "message",
+            RequestKind::Direct => "direct",
+            RequestKind::Track => "track",
+            RequestKind::Untrack => "untrack",
+            RequestKind::Ping => "ping",
+        }
+    }
+}
+
+/// A frame from the server. Serialized once and shared by every local recipient.
+#[derive(Debug, Serialize)]
+pub struct ServerFrame<'a, D: Serialize + ?Sized> {
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub room: Option<&'a str>,
+    pub data: &'a D,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a str>,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<&'a RawValue>,
+}
+
+impl<'a, D: Serialize + ?Sized> ServerFrame<'a, D> {
+    pub fn new(kind: &'a str, room: Option<&'a str>, data: &'a D) -> Self {
+        Self {
+            kind,
+            room,
+            data,
+            ts: None,
+            sender_id: None,
+            id: None,
+            reference: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing plain structs, strings and raw JSON cannot fail.
+        serde_json::to_string(self).expect("server frame serializes")
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorData<'a> {
+    pub code: &'static str,
+    pub message: &'a str,
+}
+
+/// An `error` frame, replying to `reference` when the request had one.
+pub fn error_frame(
+    code: ErrorCode,
+    message: &str,
+    room: Option<&str>,
+    reference: Option<&RawValue>,
+) -> String {
+    let data = ErrorData {
+        code: code.as_str(),
+        message,
+    };
+    ServerFrame {
+        reference,
+        ..ServerFrame::new("error", room, &data)
+    }
+    .to_json()
+}
+
+/// An `ack` frame carrying `data`.
+pub fn ack_frame<D: Serialize + ?Sized>(
+    room: Option<&str>,
+    data: &D,
+    reference: Option<&RawValue>,
+) -> String {
+    ServerFrame {
+        reference,
+        ..ServerFrame::new("ack", room, data)
+    }
+    .to_json()
+}
+
+/// RFC 3339 UTC timestamp with milliseconds, from Unix milliseconds.
+pub fn format_ts(unix_ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Whether a raw JSON value is an object.
+pub fn is_object(raw: &RawValue) -> bool {
+    raw.get().trim_start().starts_with('{')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_names() {
+        assert!(valid_room("public:lobby"));
+        assert!(valid_room("a.b@c-d_e:1"));
+        assert!(valid_room(&"x".repeat(200)));
+        assert!(!valid_room(&"x".repeat(201)));
+        assert!(!valid_room(""));
+        assert!(!valid_room("public:lob by"));
+        assert!(!valid_room("room/1"));
+        assert!(!valid_room("caf\u{e9}"));
+    }
+
+    #[test]
+    fn client_frame_borrows_data_and_ref() {
+        let text = r#"{"type":"message","room":"r","data":{"a":[1,2]},"ref":7,"extra":true}"#;
+        let f: ClientFrame = serde_json::from_str(text).unwrap();
+        assert_eq!(f.kind, Some("message"));
+        assert_eq!(f.data.unwrap().get(), r#"{"a":[1,2]}"#);
+        assert_eq!(f.reference.unwrap().get(), "7");
+    }
+
+    #[test]
+    fn frames_serialize() {
+        let r = RawValue::from_string("\"x\"".into()).unwrap();
+        let e = error_frame(ErrorCode::BadRequest, "no", Some("r"), Some(&r));
+        let v: serde_json::Value = serde_json::from_str(&e).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["ref"], "x");
+        assert_eq!(v["data"]["code"], "bad_request");
+        assert_eq!(format_ts(1_732_183_810_123), "2024-11-21T10:10:10.123Z");
+    }
+}
