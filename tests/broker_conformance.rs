@@ -1,0 +1,350 @@
+//! The broker conformance suite: the same cases against every backend.
+//!
+//! Each backend provides a factory that builds two broker handles (two "instances") sharing
+//! one backend, each with its own recording sink. Backends needing a service start it here.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rtgate::broker::{
+    Broker, Deliver, DirectMessage, InstanceInfo, MessageId, MessageKind, Origin, PresenceDiff,
+    PresenceEntry, RoomEvent, RoomMessage, RoomName,
+};
+use serde_json::value::RawValue;
+use tokio::sync::Notify;
+
+/// Records what a broker delivers.
+#[derive(Default)]
+struct Recording {
+    rooms: Mutex<Vec<Arc<RoomEvent>>>,
+    directs: Mutex<Vec<Arc<DirectMessage>>>,
+    presence: Mutex<Vec<Arc<PresenceDiff>>>,
+    changed: Notify,
+}
+
+impl Deliver for Recording {
+    fn room_event(&self, event: Arc<RoomEvent>) {
+        self.rooms.lock().unwrap().push(event);
+        self.changed.notify_waiters();
+    }
+    fn direct(&self, msg: Arc<DirectMessage>) {
+        self.directs.lock().unwrap().push(msg);
+        self.changed.notify_waiters();
+    }
+    fn presence(&self, diff: Arc<PresenceDiff>) {
+        self.presence.lock().unwrap().push(diff);
+        self.changed.notify_waiters();
+    }
+}
+
+impl Recording {
+    /// Waits (bounded) until `done` holds.
+    async fn wait(&self, what: &str, done: impl Fn(&Recording) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let changed = self.changed.notified();
+            if done(self) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                assert!(done(self), "timed out waiting for {what}");
+                return;
+            }
+        }
+    }
+
+    fn room_ids(&self, room: &str) -> Vec<MessageId> {
+        self.rooms
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| &*e.msg.room == room)
+            .map(|e| e.id)
+            .collect()
+    }
+}
+
+struct Instance {
+    broker: Arc<dyn Broker>,
+    sink: Arc<Recording>,
+}
+
+fn raw(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_string()).unwrap()
+}
+
+fn message(room: &RoomName, n: u64) -> RoomMessage {
+    RoomMessage {
+        room: room.clone(),
+        kind: MessageKind::Message,
+        data: raw(&format!(r#"{{"n":{n}}}"#)),
+        sender_id: Some("u1".into()),
+        ts_ms: rtgate::protocol::now_ms(),
+        origin: Some(Origin {
+            instance: "a".into(),
+            session: 1,
+        }),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+    }
+}
+
+fn unique_room(case: &str) -> RoomName {
+    format!("conf:{case}:{}", rtgate::protocol::now_ms()).into()
+}
+
+// ---- the cases -------------------------------------------------------------------------------
+
+async fn publish_reaches_subscribers_in_order_once(a: &Instance, b: &Instance) {
+    let room = unique_room("order");
+    a.broker.subscribe(&room).await.unwrap();
+    b.broker.subscribe(&room).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..50 {
+        ids.push(a.broker.publish(message(&room, n)).await.unwrap());
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+    for inst in [a, b] {
+        inst.sink
+            .wait("50 deliveries", |s| s.room_ids(&room).len() >= 50)
+            .await;
+        assert_eq!(inst.sink.room_ids(&room), ids, "same ids, same order, once");
+    }
+    let first = a.sink.rooms.lock().unwrap()[0].clone();
+    assert_eq!(first.msg.data.get(), r#"{"n":0}"#);
+    assert_eq!(first.msg.sender_id.as_deref(), Some("u1"));
+    assert_eq!(
+        first.msg.traceparent.as_deref(),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        "trace context travels with the message"
+    );
+    assert_eq!(first.msg.origin.as_ref().unwrap().session, 1);
+}
+
+async fn unsubscribed_rooms_are_not_delivered(a: &Instance, b: &Instance) {
+    let room = unique_room("unsub");
+    b.broker.subscribe(&room).await.unwrap();
+    a.broker.publish(message(&room, 1)).await.unwrap();
+    b.sink.wait("first", |s| s.room_ids(&room).len() == 1).await;
+    b.broker.unsubscribe(&room);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.broker.publish(message(&room, 2)).await.unwrap();
+    // A later room's message proves the pipe is flowing.
+    let probe = unique_room("probe");
+    b.broker.subscribe(&probe).await.unwrap();
+    a.broker.publish(message(&probe, 3)).await.unwrap();
+    b.sink.wait("probe", |s| s.room_ids(&probe).len() == 1).await;
+    assert_eq!(b.sink.room_ids(&room).len(), 1, "nothing after unsubscribe");
+}
+
+async fn history_replays_after_an_id(a: &Instance, b: &Instance) {
+    let room = unique_room("history");
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(a.broker.publish(message(&room, n)).await.unwrap());
+    }
+    let h = b.broker.history_after(&room, ids[3], 100).await.unwrap();
+    assert!(!h.gap);
+    assert_eq!(
+        h.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        ids[4..].to_vec()
+    );
+    assert_eq!(h.events[0].msg.data.get(), r#"{"n":4}"#);
+    let h = b.broker.history_after(&room, ids[9], 100).await.unwrap();
+    assert!(h.events.is_empty() && !h.gap);
+    let h = b.broker.history_after(&room, ids[0], 3).await.unwrap();
+    assert_eq!(h.events.len(), 3, "limit keeps the newest");
+    assert_eq!(h.events[2].id, ids[9]);
+    assert!(h.gap, "a limited replay is a gap");
+}
+
+async fn trimmed_history_is_a_gap(a: &Instance, history_size: usize) {
+    let room = unique_room("gap");
+    let mut ids = Vec::new();
+    for n in 0..(history_size as u64 + 5) {
+        ids.push(a.broker.publish(message(&room, n)).await.unwrap());
+    }
+    let h = a.broker.history_after(&room, ids[0], 10_000).await.unwrap();
+    assert!(h.gap, "messages after ids[0] were trimmed");
+    let h = a
+        .broker
+        .history_after(&room, ids[ids.len() - 3], 10_000)
+        .await
+        .unwrap();
+    assert!(!h.gap);
+    assert_eq!(h.events.len(), 2);
+}
+
+// Needs two separate instances: used by the distributed backends (Redis, Kafka).
+#[allow(dead_code)]
+async fn direct_reaches_the_users_instance_only(a: &Instance, b: &Instance) {
+    let user: Arc<str> = format!("user-{}", rtgate::protocol::now_ms()).into();
+    b.broker.subscribe_user(&user).await.unwrap();
+    a.broker
+        .send_direct(DirectMessage {
+            to: user.clone(),
+            data: raw(r#"{"to":"x","hello":true}"#),
+            sender_id: "u1".into(),
+            ts_ms: rtgate::protocol::now_ms(),
+            traceparent: None,
+        })
+        .await
+        .unwrap();
+    b.sink
+        .wait("direct", |s| {
+            s.directs.lock().unwrap().iter().any(|d| d.to == user)
+        })
+        .await;
+    assert!(
+        !a.sink.directs.lock().unwrap().iter().any(|d| d.to == user),
+        "not delivered where the user has no subscription"
+    );
+}
+
+async fn presence_is_shared_and_diffed(a: &Instance, b: &Instance) {
+    let room = unique_room("presence");
+    a.broker.subscribe(&room).await.unwrap();
+    b.broker.subscribe(&room).await.unwrap();
+    let entry = PresenceEntry {
+        user_id: "alice".into(),
+        conn_id: "a:1".into(),
+        meta: Arc::from(raw(r#"{"status":"online","session_id":"a:1"}"#)),
+    };
+    a.broker.track(&room, entry).await.unwrap();
+    for inst in [a, b] {
+        inst.sink
+            .wait("join diff", |s| {
+                s.presence
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|d| d.room == room && d.joins.iter().any(|j| &*j.user_id == "alice"))
+            })
+            .await;
+    }
+    let state = b.broker.presence(&room).await.unwrap();
+    assert_eq!(state.len(), 1);
+    assert_eq!(&*state[0].conn_id, "a:1");
+    a.broker.untrack(&room, &"a:1".into()).await.unwrap();
+    b.sink
+        .wait("leave diff", |s| {
+            s.presence
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|d| d.room == room && d.leaves.iter().any(|j| &*j.conn_id == "a:1"))
+        })
+        .await;
+    assert!(b.broker.presence(&room).await.unwrap().is_empty());
+}
+
+async fn heartbeats_list_instances(a: &Instance) {
+    let me = InstanceInfo {
+        id: "conf-a".into(),
+        address: "127.0.0.1:1".into(),
+        started_at: "2026-01-01T00:00:00.000Z".into(),
+        connections: 3,
+        version: "test".into(),
+    };
+    a.broker.heartbeat(&me).await.unwrap();
+    let list = a.broker.instances().await.unwrap();
+    assert!(list.iter().any(|i| i.id == "conf-a" && i.connections == 3));
+    assert!(a.broker.is_ready());
+}
+
+// ---- backends --------------------------------------------------------------------------------
+
+mod memory {
+    use super::*;
+    use rtgate::broker::MemoryBroker;
+
+    const HISTORY: usize = 20;
+
+    /// One process, one broker: both "instances" are the same broker delivering to a fan-out
+    /// sink, which is what a single instance sees.
+    fn pair() -> (Instance, Instance) {
+        let sink_a = Arc::new(Recording::default());
+        let sink_b = Arc::new(Recording::default());
+        let fan = Arc::new(FanOut(vec![sink_a.clone(), sink_b.clone()]));
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(fan, HISTORY));
+        (
+            Instance {
+                broker: broker.clone(),
+                sink: sink_a,
+            },
+            Instance {
+                broker,
+                sink: sink_b,
+            },
+        )
+    }
+
+    struct FanOut(Vec<Arc<Recording>>);
+    impl Deliver for FanOut {
+        fn room_event(&self, e: Arc<RoomEvent>) {
+            self.0.iter().for_each(|s| s.room_event(e.clone()));
+        }
+        fn direct(&self, m: Arc<DirectMessage>) {
+            self.0.iter().for_each(|s| s.direct(m.clone()));
+        }
+        fn presence(&self, d: Arc<PresenceDiff>) {
+            self.0.iter().for_each(|s| s.presence(d.clone()));
+        }
+    }
+
+    #[tokio::test]
+    async fn publish_reaches_subscribers_in_order_once() {
+        let (a, b) = pair();
+        super::publish_reaches_subscribers_in_order_once(&a, &b).await;
+    }
+
+    #[tokio::test]
+    async fn unsubscribed_rooms_are_not_delivered() {
+        let (a, b) = pair();
+        // One broker: unsubscribing affects both sinks, which the case tolerates.
+        super::unsubscribed_rooms_are_not_delivered(&a, &b).await;
+    }
+
+    #[tokio::test]
+    async fn history_replays_after_an_id() {
+        let (a, b) = pair();
+        super::history_replays_after_an_id(&a, &b).await;
+    }
+
+    #[tokio::test]
+    async fn trimmed_history_is_a_gap() {
+        let (a, _) = pair();
+        super::trimmed_history_is_a_gap(&a, HISTORY).await;
+    }
+
+    #[tokio::test]
+    async fn presence_is_shared_and_diffed() {
+        let (a, b) = pair();
+        super::presence_is_shared_and_diffed(&a, &b).await;
+    }
+
+    #[tokio::test]
+    async fn heartbeats_list_instances() {
+        let (a, _) = pair();
+        super::heartbeats_list_instances(&a).await;
+    }
+
+    #[tokio::test]
+    async fn direct_is_delivered_to_subscribed_users() {
+        let (a, b) = pair();
+        let user: Arc<str> = "solo".into();
+        b.broker.subscribe_user(&user).await.unwrap();
+        a.broker
+            .send_direct(DirectMessage {
+                to: user.clone(),
+                data: raw(r#"{"to":"solo"}"#),
+                sender_id: "u1".into(),
+                ts_ms: 0,
+                traceparent: None,
+            })
+            .await
+            .unwrap();
+        b.sink
+            .wait("direct", |s| s.directs.lock().unwrap().len() == 1)
+            .await;
+    }
+}
