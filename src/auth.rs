@@ -129,7 +129,10 @@ mod tests {
     fn rejects_bad_tokens() {
         let a = auth();
         assert!(matches!(a.verify(None), Err(AuthError::Missing)));
-        assert!(matches!(a.verify(Some("x.y.z")), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            a.verify(Some("x.y.z")),
+            Err(AuthError::Invalid(_))
+        ));
         let other = Authenticator::new(b"another-secret", vec![], Duration::ZERO);
         let t = other.issue("42", false, Duration::from_secs(60));
         assert!(matches!(a.verify(Some(&t)), Err(AuthError::Invalid(_))));

@@ -372,7 +372,10 @@ mod tests {
         let c = Config::from_toml_str("[auth]\njwt_secret = \"supersecret\"\napi_keys = [\"k1\"]")
             .unwrap();
         let shown = c.to_redacted_toml();
-        assert!(!shown.contains("supersecret") && !shown.contains("\"k1\""), "{shown}");
+        assert!(
+            !shown.contains("supersecret") && !shown.contains("\"k1\""),
+            "{shown}"
+        );
         let back = Config::from_toml_str(&shown).unwrap();
         assert_eq!(back.auth.api_keys.len(), 1);
     }

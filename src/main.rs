@@ -86,7 +86,8 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(EXIT_CONFIG);
             }
-            let auth = Authenticator::new(config.auth.jwt_secret.as_bytes(), vec![], Duration::ZERO);
+            let auth =
+                Authenticator::new(config.auth.jwt_secret.as_bytes(), vec![], Duration::ZERO);
             println!("{}", auth.issue(&sub, admin, ttl));
             ExitCode::SUCCESS
         }
@@ -149,6 +150,10 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         local.to_string(),
     ));
 
+    // Announce this instance before anyone can ask /api/v1/stats.
+    if let Err(e) = gw.broker.heartbeat(&gw.instance_info()).await {
+        tracing::warn!(error = %e, "first heartbeat failed");
+    }
     // Tools and tests read this line to find the port.
     println!("rtgate {} listening on http://{local}", rtgate::VERSION);
     let connect_host = if local.ip().is_unspecified() {

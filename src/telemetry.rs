@@ -62,7 +62,9 @@ pub fn render_metrics() -> String {
 pub mod metric {
     use std::time::Duration;
 
-    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+    use metrics::{
+        counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    };
 
     use crate::config::OverflowPolicy;
 

@@ -132,7 +132,9 @@ async fn unsubscribed_rooms_are_not_delivered(a: &Instance, b: &Instance) {
     let probe = unique_room("probe");
     b.broker.subscribe(&probe).await.unwrap();
     a.broker.publish(message(&probe, 3)).await.unwrap();
-    b.sink.wait("probe", |s| s.room_ids(&probe).len() == 1).await;
+    b.sink
+        .wait("probe", |s| s.room_ids(&probe).len() == 1)
+        .await;
     assert_eq!(b.sink.room_ids(&room).len(), 1, "nothing after unsubscribe");
 }
 

@@ -178,7 +178,11 @@ impl Hub {
         let Some(entry) = rooms.get_mut(room) else {
             return false;
         };
-        let Some(i) = entry.members.iter().position(|m| m.session.id == session_id) else {
+        let Some(i) = entry
+            .members
+            .iter()
+            .position(|m| m.session.id == session_id)
+        else {
             return false;
         };
         entry.members.swap_remove(i);
@@ -345,9 +349,8 @@ impl Deliver for Hub {
             "joins": presence_map(&diff.joins),
             "leaves": presence_map(&diff.leaves),
         });
-        let frame = Utf8Bytes::from(
-            ServerFrame::new("presence_diff", Some(&diff.room), &data).to_json(),
-        );
+        let frame =
+            Utf8Bytes::from(ServerFrame::new("presence_diff", Some(&diff.room), &data).to_json());
         let rooms = self.rooms.read().unwrap();
         if let Some(room) = rooms.get(&diff.room) {
             for m in &room.members {

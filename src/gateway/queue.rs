@@ -50,6 +50,8 @@ pub struct Batch {
 pub struct SendQueue {
     inner: Mutex<Inner>,
     wake: Notify,
+    /// Signalled when the writer takes frames: the reader may be waiting for room.
+    space: Notify,
     max: usize,
     policy: OverflowPolicy,
 }
@@ -59,6 +61,7 @@ impl SendQueue {
         Self {
             inner: Mutex::default(),
             wake: Notify::new(),
+            space: Notify::new(),
             max,
             policy,
         }
@@ -97,6 +100,34 @@ impl SendQueue {
         drop(q);
         self.wake.notify_one();
         outcome
+    }
+
+    /// Queues a reply to the connection's own request. Replies are never dropped: every request
+    /// with a `ref` gets its answer. They stay bounded because the reader stops reading new
+    /// requests while the queue is full (see [`SendQueue::wait_for_room`]).
+    pub fn push_reply(&self, frame: Utf8Bytes) {
+        let mut q = self.inner.lock().unwrap();
+        if q.close.is_some() {
+            return;
+        }
+        q.frames.push_back(frame);
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Waits until the queue is below its limit, so a client that does not read stops being
+    /// read from (TCP backpressure) instead of growing its queue.
+    pub async fn wait_for_room(&self) {
+        loop {
+            let space = self.space.notified();
+            {
+                let q = self.inner.lock().unwrap();
+                if q.frames.len() < self.max || q.close.is_some() {
+                    return;
+                }
+            }
+            space.await;
+        }
     }
 
     /// Asks the writer for a WebSocket ping (liveness).
@@ -158,6 +189,8 @@ impl SendQueue {
                         // Give back memory a burst grew.
                         q.frames.shrink_to(self.max.min(64));
                     }
+                    drop(q);
+                    self.space.notify_waiters();
                     return Some(());
                 }
             }

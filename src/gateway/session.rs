@@ -50,7 +50,9 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
         "instance_id": &**gw.instance_id(),
         "session_id": &*session.public_id,
     });
-    session.send_text(ServerFrame::new("welcome", None, &welcome).to_json());
+    session
+        .queue
+        .push_reply(ServerFrame::new("welcome", None, &welcome).to_json().into());
 
     let (sink, stream) = socket.split();
     let writer = tokio::spawn(write_loop(sink, session.clone()));
@@ -63,7 +65,14 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
     let mut conn = Connection::new(gw.clone(), session.clone());
     conn.read_loop(stream).await;
     gw.close_session(&session, &conn.rooms).await;
-    let _ = writer.await;
+    // The writer ends after the close frame, or stays stuck on a client that stopped reading.
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_HANDSHAKE_WAIT, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 async fn write_loop(mut sink: SplitSink<WebSocket, Message>, session: Arc<Session>) {
@@ -74,7 +83,9 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, session: Arc<Sessio
                 return;
             }
         }
-        if std::mem::take(&mut batch.ping) && sink.feed(Message::Ping(Default::default())).await.is_err() {
+        if std::mem::take(&mut batch.ping)
+            && sink.feed(Message::Ping(Default::default())).await.is_err()
+        {
             return;
         }
         if let Some(c) = batch.close.take() {
@@ -130,8 +141,9 @@ type Reply = Result<Option<String>, Refusal>;
 impl Connection {
     fn new(gw: Arc<Gateway>, session: Arc<Session>) -> Self {
         let ws = &gw.config.ws;
-        let quota = Quota::per_second(NonZeroU32::new(ws.rate_limit_per_sec).unwrap_or(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(ws.rate_limit_burst).unwrap_or(NonZeroU32::MIN));
+        let quota =
+            Quota::per_second(NonZeroU32::new(ws.rate_limit_per_sec).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(ws.rate_limit_burst).unwrap_or(NonZeroU32::MIN));
         Self {
             gw,
             session,
@@ -145,7 +157,10 @@ impl Connection {
     async fn read_loop(&mut self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
         loop {
             let next = tokio::select! {
-                next = stream.next() => next,
+                next = async {
+                    self.session.queue.wait_for_room().await;
+                    stream.next().await
+                } => next,
                 _ = self.session.closing.notified() => break,
             };
             let msg = match next {
@@ -168,7 +183,12 @@ impl Connection {
                     self.violation(ErrorCode::BadRequest, "binary frames are not supported")
                 }
                 Message::Ping(_) | Message::Pong(_) => {}
-                Message::Close(_) => return,
+                Message::Close(_) => {
+                    // tungstenite queued the close reply (RFC 6455 5.5.1); it goes out on the
+                    // next read, which then reports the end of the stream.
+                    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_WAIT, stream.next()).await;
+                    return;
+                }
             }
             if self.session.queue.is_closing() {
                 break;
@@ -200,8 +220,9 @@ impl Connection {
         }
     }
 
+    /// Queues a reply to this connection's request (never dropped by the overflow policy).
     fn send(&self, frame: String) {
-        self.session.send_text(frame);
+        self.session.queue.push_reply(Utf8Bytes::from(frame));
     }
 
     async fn on_text(&mut self, text: &str) {
@@ -329,24 +350,31 @@ impl Connection {
 
     async fn join(&mut self, frame: &ClientFrame<'_>) -> Reply {
         let room = self.room_of(frame)?;
-        let since = match frame.since.as_deref() {
-            None => None,
-            Some(s) => Some(
-                s.parse::<MessageId>()
-                    .map_err(|_| Refusal::new(ErrorCode::BadRequest, "`since` is not a message id"))?,
-            ),
-        };
+        let since =
+            match frame.since.as_deref() {
+                None => None,
+                Some(s) => Some(s.parse::<MessageId>().map_err(|_| {
+                    Refusal::new(ErrorCode::BadRequest, "`since` is not a message id")
+                })?),
+            };
         let echo_self = frame.echo_self.unwrap_or(true);
         let gw = &self.gw;
-        let joined = gw
-            .hub
-            .join(&*gw.broker, &room, &self.session, echo_self, since.is_some());
+        let joined = gw.hub.join(
+            &*gw.broker,
+            &room,
+            &self.session,
+            echo_self,
+            since.is_some(),
+        );
         if joined.already_member {
             return Ok(Some("{}".into()));
         }
         if let Err(e) = joined.subscribed.await {
             gw.hub.leave(&*gw.broker, &room, self.session.id);
-            return Err(Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)));
+            return Err(Refusal::new(
+                ErrorCode::Unavailable,
+                unavailable_message(&e),
+            ));
         }
         self.rooms.push(room.clone());
         metric::joined();
@@ -375,7 +403,10 @@ impl Connection {
                 }
                 Err(e) => {
                     self.leave_room(&room).await;
-                    return Err(Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)));
+                    return Err(Refusal::new(
+                        ErrorCode::Unavailable,
+                        unavailable_message(&e),
+                    ));
                 }
             }
             gw.hub
@@ -415,7 +446,10 @@ impl Connection {
     fn payload(frame: &ClientFrame) -> Result<Box<RawValue>, Refusal> {
         match (frame.data, &frame.text) {
             (Some(data), _) if is_object(data) => Ok(data.to_owned()),
-            (Some(_), _) => Err(Refusal::new(ErrorCode::BadRequest, "`data` must be an object")),
+            (Some(_), _) => Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "`data` must be an object",
+            )),
             (None, Some(text)) => Ok(serde_json::value::to_raw_value(
                 &serde_json::json!({ "text": text }),
             )
@@ -459,7 +493,9 @@ impl Connection {
             .ok()
             .and_then(|t| t.to)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "`data.to` (a user id) is required"))?;
+            .ok_or_else(|| {
+                Refusal::new(ErrorCode::BadRequest, "`data.to` (a user id) is required")
+            })?;
         let msg = DirectMessage {
             to: to.into(),
             data: data.to_owned(),

@@ -112,7 +112,14 @@ impl Server {
         let cfg = build_config(extra_toml);
         std::fs::write(&path, &cfg).expect("write config");
 
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rtgate"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rtgate"));
+        // `RTGATE_*` variables override the config file: keep the test config authoritative.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("RTGATE_") {
+                cmd.env_remove(&k);
+            }
+        }
+        let mut child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&path)
@@ -651,7 +658,10 @@ impl Client {
     /// Sends `req`, asserts the reply is an error with `code` and returns it.
     pub async fn request_err(&mut self, req: Value, code: &str) -> Value {
         let reply = self.request(req.clone()).await;
-        assert_eq!(reply["type"], "error", "request {req} should fail with {code}: {reply}");
+        assert_eq!(
+            reply["type"], "error",
+            "request {req} should fail with {code}: {reply}"
+        );
         assert_eq!(reply["data"]["code"], code, "request {req}: {reply}");
         reply
     }
@@ -661,7 +671,8 @@ impl Client {
     }
 
     pub async fn leave(&mut self, room: &str) -> Value {
-        self.request_ok(json!({"type": "leave", "room": room})).await
+        self.request_ok(json!({"type": "leave", "room": room}))
+            .await
     }
 
     /// Publishes `data` to `room`, asserts the ack and returns the message id.
@@ -678,8 +689,11 @@ impl Client {
     /// The next `message` frame for `room`.
     pub async fn recv_message(&mut self, room: &str, t: Duration) -> Option<Value> {
         let room = room.to_string();
-        self.recv_until(move |v| v["type"] == "message" && v["room"] == room.as_str(), t)
-            .await
+        self.recv_until(
+            move |v| v["type"] == "message" && v["room"] == room.as_str(),
+            t,
+        )
+        .await
     }
 
     /// JSON-level ping; asserts a `pong` (proves the connection is alive and served).
@@ -764,5 +778,7 @@ pub fn is_rfc3339_utc(s: &str) -> bool {
     }
     let rest = &s[19..s.len() - 1];
     rest.is_empty()
-        || (rest.starts_with('.') && rest.len() > 1 && rest[1..].bytes().all(|c| c.is_ascii_digit()))
+        || (rest.starts_with('.')
+            && rest.len() > 1
+            && rest[1..].bytes().all(|c| c.is_ascii_digit()))
 }
