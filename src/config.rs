@@ -22,6 +22,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub shutdown: ShutdownConfig,
     pub telemetry: TelemetryConfig,
+    pub heartbeat: HeartbeatConfig,
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +137,16 @@ impl Default for RoomsConfig {
 #[serde(rename_all = "snake_case")]
 pub enum BrokerKind {
     Memory,
+    Redis,
+}
+
+impl BrokerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerKind::Memory => "memory",
+            BrokerKind::Redis => "redis",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -169,6 +181,75 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// How often this instance announces itself.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// An instance whose last heartbeat is older than this counts as dead.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            ttl: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The Redis broker: either `url`, or `sentinels` with `master_name`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port` or `rediss://...`; used when `sentinels` is empty.
+    pub url: String,
+    /// Sentinel addresses, `host:port`.
+    pub sentinels: Vec<String>,
+    pub master_name: String,
+    pub password: String,
+    pub sentinel_password: String,
+    pub db: i64,
+    /// Serve `since` replay from a replica (the newest tail still comes from the master).
+    pub read_from_replicas: bool,
+    /// Messages kept per room stream (approximate trimming: at least this many).
+    pub stream_maxlen: u64,
+    /// A room's stream expires this long after its last message.
+    #[serde(with = "humantime_serde")]
+    pub stream_ttl: Duration,
+    /// Replicas that must confirm a publish before it is acked (`WAIT`). Unset: 1 when
+    /// Sentinel knows replicas, else 0.
+    pub min_replicas_ack: Option<u32>,
+    /// How long `WAIT` may take before the publish is refused as `unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Timeout of every command and of connecting; a frozen master is detected by it.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            sentinels: Vec::new(),
+            master_name: "mymaster".to_string(),
+            password: String::new(),
+            sentinel_password: String::new(),
+            db: 0,
+            read_from_replicas: false,
+            stream_maxlen: 10_000,
+            stream_ttl: Duration::from_secs(24 * 3600),
+            min_replicas_ack: None,
+            wait_timeout: Duration::from_millis(500),
+            command_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -304,6 +385,26 @@ impl Config {
         if self.broker.history_size == 0 {
             return Err(bad("broker.history_size", "must be at least 1"));
         }
+        if self.heartbeat.interval.is_zero() || self.heartbeat.ttl <= self.heartbeat.interval {
+            return Err(bad(
+                "heartbeat.ttl",
+                "must be longer than heartbeat.interval (which must be more than 0)",
+            ));
+        }
+        if self.broker.kind == BrokerKind::Redis {
+            if self.redis.url.is_empty() && self.redis.sentinels.is_empty() {
+                return Err(bad(
+                    "redis.url",
+                    "broker.kind = \"redis\" needs redis.url or redis.sentinels",
+                ));
+            }
+            if !self.redis.sentinels.is_empty() && self.redis.master_name.is_empty() {
+                return Err(bad("redis.master_name", "is required with redis.sentinels"));
+            }
+            if self.redis.stream_maxlen == 0 {
+                return Err(bad("redis.stream_maxlen", "must be at least 1"));
+            }
+        }
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 8 {
             return Err(bad("auth.jwt_secret", "must be at least 8 bytes"));
         }
@@ -321,6 +422,23 @@ impl Config {
         }
         for key in &mut shown.auth.api_keys {
             *key = REDACTED.to_string();
+        }
+        for secret in [
+            &mut shown.redis.password,
+            &mut shown.redis.sentinel_password,
+        ] {
+            if !secret.is_empty() {
+                *secret = REDACTED.to_string();
+            }
+        }
+        if let Some(at) = shown.redis.url.find('@') {
+            // A password inside the URL: redis://user:secret@host.
+            let scheme_end = shown.redis.url.find("://").map_or(0, |i| i + 3);
+            shown.redis.url = format!(
+                "{}{REDACTED}{}",
+                &shown.redis.url[..scheme_end],
+                &shown.redis.url[at..]
+            );
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }

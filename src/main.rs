@@ -11,7 +11,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use rtgate::auth::Authenticator;
-use rtgate::broker::{Broker, MemoryBroker};
+use rtgate::broker::{Broker, MemoryBroker, RedisBroker};
 use rtgate::config::{BrokerKind, Config};
 use rtgate::gateway::{Gateway, Hub};
 
@@ -136,6 +136,12 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     let hub = Arc::new(Hub::new(config.server.instance_id.as_str().into()));
     let broker: Arc<dyn Broker> = match config.broker.kind {
         BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone(), config.broker.history_size)),
+        BrokerKind::Redis => Arc::new(RedisBroker::start(
+            config.redis.clone(),
+            config.heartbeat.ttl,
+            hub.instance_id().clone(),
+            hub.clone(),
+        )),
     };
     let auth = Authenticator::new(
         config.auth.jwt_secret.as_bytes(),
@@ -150,9 +156,14 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         local.to_string(),
     ));
 
-    // Announce this instance before anyone can ask /api/v1/stats.
+    // Announce this instance before anyone can ask /api/v1/stats. An unreachable broker does
+    // not stop the start: /readyz answers 503 until it is reachable.
+    let connecting = std::time::Instant::now();
+    while !gw.broker.is_ready() && connecting.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     if let Err(e) = gw.broker.heartbeat(&gw.instance_info()).await {
-        tracing::warn!(error = %e, "first heartbeat failed");
+        tracing::warn!(error = %e, "first heartbeat failed; retrying in the background");
     }
     // Tools and tests read this line to find the port.
     println!("rtgate {} listening on http://{local}", rtgate::VERSION);

@@ -92,6 +92,10 @@ pub mod metric {
             "rtgate_bad_frames_total",
             "Malformed, binary or oversized client frames"
         );
+        describe_counter!(
+            "rtgate_broker_reconnects_total",
+            "Times the broker connection was lost and rebuilt (failovers included)"
+        );
         describe_histogram!(
             "rtgate_broker_publish_seconds",
             "Time for the broker to store and fan out a publish"
@@ -128,6 +132,10 @@ pub mod metric {
 
     pub fn bad_frame(reason: &'static str) {
         counter!("rtgate_bad_frames_total", "reason" => reason).increment(1);
+    }
+
+    pub fn broker_reconnect() {
+        counter!("rtgate_broker_reconnects_total").increment(1);
     }
 
     pub fn publish_latency(elapsed: Duration) {

@@ -6,6 +6,7 @@
 //! block: the gateway only queues frames there.
 
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,6 +17,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 pub use memory::MemoryBroker;
+pub use redis::RedisBroker;
 
 /// Room names are shared, never copied per message.
 pub type RoomName = Arc<str>;
@@ -59,7 +61,7 @@ impl FromStr for MessageId {
 }
 
 /// Stored room message kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageKind {
     Message,

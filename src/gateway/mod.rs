@@ -488,18 +488,18 @@ impl Gateway {
             }
             let ws = &self.config.ws;
             self.hub.sweep(ws.idle_timeout, ws.ping_interval);
-            if last_heartbeat.is_none_or(|t| t.elapsed() >= HEARTBEAT_INTERVAL) {
-                last_heartbeat = Some(Instant::now());
-                if let Err(e) = self.broker.heartbeat(&self.instance_info()).await {
-                    tracing::warn!(error = %e, "heartbeat failed");
+            // A failed heartbeat is retried on the next tick once the broker is back.
+            let due = last_heartbeat.is_none_or(|t| t.elapsed() >= self.config.heartbeat.interval);
+            if due && self.broker.is_ready() {
+                match self.broker.heartbeat(&self.instance_info()).await {
+                    Ok(()) => last_heartbeat = Some(Instant::now()),
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }
                 metric::upkeep();
             }
         }
     }
 }
-
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Builds the meta stored for a tracked connection: the client's object plus `session_id`.
 fn presence_meta(data: Option<&RawValue>, session: &Session) -> Result<Box<RawValue>, ()> {

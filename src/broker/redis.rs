@@ -1,0 +1,1146 @@
+//! Redis broker: Pub/Sub for live fan-out, Streams for history and gapless recovery, master and
+//! replicas found through Sentinel (or one `redis.url`), heartbeats and presence in Redis.
+//!
+//! One supervisor task per instance owns the Pub/Sub connection. It (re)discovers the master,
+//! resubscribes every room after a reconnect and replays from each room's stream whatever was
+//! written after the last id it delivered, so subscribers see no gap and no duplicate across a
+//! failover. Publishes go through a multiplexed command connection; with `WAIT` the ack waits
+//! for replicas, so an acked message survives the master's loss.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use redis::aio::{MultiplexedConnection, PubSubSink};
+use redis::{AsyncConnectionConfig, Client, RedisError, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::{
+    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, MessageKind,
+    Origin, PresenceDiff, PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed,
+};
+use crate::config::RedisConfig;
+
+/// Key and channel names (PROTOCOL.md, "Broker naming").
+mod names {
+    pub fn room_channel(room: &str) -> String {
+        format!("rt:room:{room}")
+    }
+    pub fn stream(room: &str) -> String {
+        format!("rt:stream:{room}")
+    }
+    pub fn user_channel(user: &str) -> String {
+        format!("rt:user:{user}")
+    }
+    pub fn presence(room: &str) -> String {
+        format!("rt:presence:{room}")
+    }
+    pub fn presence_index(instance: &str) -> String {
+        format!("rt:presence-of:{instance}")
+    }
+    pub const INSTANCES: &str = "rt:instances";
+    pub fn instance(id: &str) -> String {
+        format!("rt:instances:{id}")
+    }
+    pub const ROOM_PREFIX: &str = "rt:room:";
+    pub const USER_PREFIX: &str = "rt:user:";
+}
+
+/// Stores, trims, expires and publishes in one step; the live payload carries the stream id,
+/// so the live id and the history id are the same.
+const PUBLISH_SCRIPT: &str = r"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[2], id .. '\n' .. ARGV[3])
+return id
+";
+
+/// Adds or replaces a connection's presence and announces the diff on the room channel.
+/// KEYS: presence hash, instance index, room channel. ARGV: conn id, entry JSON, index member.
+const TRACK_SCRIPT: &str = r#"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+local leaves = ''
+if old then leaves = old end
+redis.call('PUBLISH', KEYS[3], 'p\n{"joins":[' .. ARGV[2] .. '],"leaves":[' .. leaves .. ']}')
+return 1
+"#;
+
+/// Removes a connection's presence, if any, and announces the diff.
+const UNTRACK_SCRIPT: &str = r#"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+if not old then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[3], 'p\n{"joins":[],"leaves":[' .. old .. ']}')
+return 1
+"#;
+
+/// Records a heartbeat by the server's clock and returns the ids whose heartbeat expired.
+/// KEYS: instance set, instance info key. ARGV: id, ttl ms, info JSON.
+const HEARTBEAT_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+";
+
+/// Live instances' info, by the server's clock.
+const INSTANCES_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+local out = {}
+for _, id in ipairs(ids) do
+  local info = redis.call('GET', 'rt:instances:' .. id)
+  if info then table.insert(out, info) end
+end
+return out
+";
+
+/// Removes a dead instance's presence (once, whoever gets there first) and announces leaves.
+const REAP_SCRIPT: &str = r#"
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local index = 'rt:presence-of:' .. ARGV[1]
+for _, member in ipairs(redis.call('SMEMBERS', index)) do
+  local nl = string.find(member, '\n', 1, true)
+  local room = string.sub(member, 1, nl - 1)
+  local conn = string.sub(member, nl + 1)
+  local hash = 'rt:presence:' .. room
+  local old = redis.call('HGET', hash, conn)
+  if old then
+    redis.call('HDEL', hash, conn)
+    redis.call('PUBLISH', 'rt:room:' .. room, 'p\n{"joins":[],"leaves":[' .. old .. ']}')
+  end
+end
+redis.call('DEL', index)
+return 1
+"#;
+
+/// A room message as stored in the stream and carried on the channel.
+#[derive(Serialize, Deserialize)]
+struct WireMessage<'a> {
+    k: MessageKind,
+    #[serde(borrow)]
+    d: &'a RawValue,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    s: Option<&'a str>,
+    t: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    oi: Option<&'a str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    os: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tp: Option<&'a str>,
+}
+
+impl WireMessage<'_> {
+    fn into_event(self, room: &RoomName, id: MessageId) -> RoomEvent {
+        RoomEvent {
+            id,
+            msg: RoomMessage {
+                room: room.clone(),
+                kind: self.k,
+                data: self.d.to_owned(),
+                sender_id: self.s.map(Arc::from),
+                ts_ms: self.t,
+                origin: match (self.oi, self.os) {
+                    (Some(instance), Some(session)) => Some(Origin {
+                        instance: instance.into(),
+                        session,
+                    }),
+                    _ => None,
+                },
+                traceparent: self.tp.map(str::to_string),
+            },
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireDirect<'a> {
+    to: &'a str,
+    #[serde(borrow)]
+    d: &'a RawValue,
+    s: &'a str,
+    t: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tp: Option<&'a str>,
+}
+
+/// One connection's presence as stored in the room's hash and carried in diffs.
+#[derive(Serialize, Deserialize)]
+struct WirePresence<'a> {
+    u: &'a str,
+    c: &'a str,
+    #[serde(borrow)]
+    m: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct WirePresenceDiff<'a> {
+    #[serde(borrow)]
+    joins: Vec<WirePresence<'a>>,
+    #[serde(borrow)]
+    leaves: Vec<WirePresence<'a>>,
+}
+
+impl From<WirePresence<'_>> for PresenceEntry {
+    fn from(w: WirePresence<'_>) -> Self {
+        PresenceEntry {
+            user_id: w.u.into(),
+            conn_id: w.c.into(),
+            meta: Arc::from(w.m.to_owned()),
+        }
+    }
+}
+
+/// What the supervisor is asked to do with subscriptions, in the order the gateway asked.
+enum Command {
+    SubscribeRoom(RoomName, oneshot::Sender<Result<(), BrokerError>>),
+    UnsubscribeRoom(RoomName),
+    SubscribeUser(Arc<str>, oneshot::Sender<Result<(), BrokerError>>),
+    UnsubscribeUser(Arc<str>),
+}
+
+struct Shared {
+    cfg: RedisConfig,
+    /// An instance whose heartbeat is older than this is dead.
+    heartbeat_ttl: Duration,
+    instance_id: Arc<str>,
+    sink: Arc<dyn Deliver>,
+    /// Command connection to the current master; `None` while there is none.
+    master: RwLock<Option<MultiplexedConnection>>,
+    /// A replica for history reads, when configured and available.
+    replica: RwLock<Option<MultiplexedConnection>>,
+    ready: AtomicBool,
+    /// Replicas each publish waits for (resolved at connect time).
+    min_acks: AtomicU32,
+    /// Anyone who sees the master fail asks the supervisor to rediscover it.
+    reconnect: Notify,
+}
+
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+/// Errors that mean the master is gone or demoted: rediscover it.
+fn is_connection_failure(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_unrecoverable_error()
+        || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
+}
+
+impl RedisBroker {
+    /// Starts the supervisor; the broker reports ready once a master is connected.
+    pub fn start(
+        cfg: RedisConfig,
+        heartbeat_ttl: Duration,
+        instance_id: Arc<str>,
+        sink: Arc<dyn Deliver>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            cfg,
+            heartbeat_ttl,
+            instance_id,
+            sink,
+            master: RwLock::new(None),
+            replica: RwLock::new(None),
+            ready: AtomicBool::new(false),
+            min_acks: AtomicU32::new(0),
+            reconnect: Notify::new(),
+        });
+        tokio::spawn(supervise(shared.clone(), rx));
+        Self {
+            shared,
+            commands: tx,
+        }
+    }
+
+    fn master(&self) -> Result<MultiplexedConnection, BrokerError> {
+        self.shared
+            .master
+            .read()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| unavailable("no Redis master connected"))
+    }
+
+    /// Maps a command error, asking for a reconnect when the master is the problem.
+    fn failed(&self, e: RedisError) -> BrokerError {
+        if is_connection_failure(&e) {
+            self.shared.ready.store(false, Ordering::SeqCst);
+            self.shared.reconnect.notify_one();
+        }
+        unavailable(e)
+    }
+
+    fn send_command(&self, cmd: Command) -> bool {
+        self.commands.send(cmd).is_ok()
+    }
+
+    fn waiter(&self, rx: oneshot::Receiver<Result<(), BrokerError>>, sent: bool) -> Subscribed {
+        // Bounded: during an outage a join is refused rather than left hanging.
+        let limit = self.shared.cfg.command_timeout * 5;
+        async move {
+            if !sent {
+                return Err(unavailable("Redis supervisor stopped"));
+            }
+            match tokio::time::timeout(limit, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(unavailable("Redis supervisor stopped")),
+                Err(_) => Err(unavailable("Redis subscription timed out")),
+            }
+        }
+        .boxed()
+    }
+}
+
+#[async_trait::async_trait]
+impl Broker for RedisBroker {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst)
+    }
+
+    async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
+        let mut conn = self.master()?;
+        let payload = serde_json::to_string(&WireMessage {
+            k: msg.kind,
+            d: &msg.data,
+            s: msg.sender_id.as_deref(),
+            t: msg.ts_ms,
+            oi: msg.origin.as_ref().map(|o| &*o.instance),
+            os: msg.origin.as_ref().map(|o| o.session),
+            tp: msg.traceparent.as_deref(),
+        })
+        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        let cfg = &self.shared.cfg;
+        let min_acks = self.shared.min_acks.load(Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVAL")
+            .arg(PUBLISH_SCRIPT)
+            .arg(2)
+            .arg(names::stream(&msg.room))
+            .arg(names::room_channel(&msg.room))
+            .arg(cfg.stream_maxlen)
+            .arg(cfg.stream_ttl.as_millis() as u64)
+            .arg(&payload);
+        if min_acks > 0 {
+            pipe.cmd("WAIT")
+                .arg(min_acks)
+                .arg(cfg.wait_timeout.as_millis() as u64);
+        }
+        let replies: Vec<Value> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        let id: String = redis::from_redis_value_ref(&replies[0])
+            .map_err(|e| BrokerError::Other(e.to_string()))?;
+        let id: MessageId = id
+            .parse()
+            .map_err(|_| BrokerError::Other(format!("unexpected stream id {id}")))?;
+        if min_acks > 0 {
+            let acked: i64 = redis::from_redis_value_ref(&replies[1]).unwrap_or(0);
+            if acked < i64::from(min_acks) {
+                // Written on the master but not confirmed: it may not survive a failover.
+                return Err(unavailable(format!(
+                    "{acked} of {min_acks} replicas confirmed the write in time"
+                )));
+            }
+        }
+        Ok(id)
+    }
+
+    fn subscribe(&self, room: &RoomName) -> Subscribed {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send_command(Command::SubscribeRoom(room.clone(), tx));
+        self.waiter(rx, sent)
+    }
+
+    fn unsubscribe(&self, room: &RoomName) {
+        self.send_command(Command::UnsubscribeRoom(room.clone()));
+    }
+
+    async fn history_after(
+        &self,
+        room: &RoomName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let replica = if self.shared.cfg.read_from_replicas {
+            self.shared.replica.read().unwrap().clone()
+        } else {
+            None
+        };
+        let mut history = match replica {
+            Some(mut conn) => read_history(&mut conn, room, after, limit, &self.shared.cfg)
+                .await
+                .ok(),
+            None => None,
+        };
+        // The master has the newest tail a replica may not have yet.
+        let mut master = self.master()?;
+        match &mut history {
+            Some(h) => {
+                let from = h.events.last().map_or(after, |e| e.id);
+                let tail = read_history(&mut master, room, from, limit, &self.shared.cfg)
+                    .await
+                    .map_err(|e| self.failed(e))?;
+                h.events.extend(tail.events);
+                if h.events.len() > limit {
+                    let extra = h.events.len() - limit;
+                    h.events.drain(..extra);
+                    h.gap = true;
+                }
+            }
+            None => {
+                history = Some(
+                    read_history(&mut master, room, after, limit, &self.shared.cfg)
+                        .await
+                        .map_err(|e| self.failed(e))?,
+                );
+            }
+        }
+        Ok(history.unwrap_or_default())
+    }
+
+    async fn send_direct(&self, msg: DirectMessage) -> Result<(), BrokerError> {
+        let mut conn = self.master()?;
+        let payload = serde_json::to_string(&WireDirect {
+            to: &msg.to,
+            d: &msg.data,
+            s: &msg.sender_id,
+            t: msg.ts_ms,
+            tp: msg.traceparent.as_deref(),
+        })
+        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        redis::cmd("PUBLISH")
+            .arg(names::user_channel(&msg.to))
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    fn subscribe_user(&self, user: &Arc<str>) -> Subscribed {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send_command(Command::SubscribeUser(user.clone(), tx));
+        self.waiter(rx, sent)
+    }
+
+    fn unsubscribe_user(&self, user: &Arc<str>) {
+        self.send_command(Command::UnsubscribeUser(user.clone()));
+    }
+
+    async fn track(&self, room: &RoomName, entry: PresenceEntry) -> Result<(), BrokerError> {
+        let mut conn = self.master()?;
+        let stored = serde_json::to_string(&WirePresence {
+            u: &entry.user_id,
+            c: &entry.conn_id,
+            m: &entry.meta,
+        })
+        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        redis::cmd("EVAL")
+            .arg(TRACK_SCRIPT)
+            .arg(3)
+            .arg(names::presence(room))
+            .arg(names::presence_index(&self.shared.instance_id))
+            .arg(names::room_channel(room))
+            .arg(&*entry.conn_id)
+            .arg(stored)
+            .arg(format!("{room}\n{}", entry.conn_id))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {
+        let mut conn = self.master()?;
+        redis::cmd("EVAL")
+            .arg(UNTRACK_SCRIPT)
+            .arg(3)
+            .arg(names::presence(room))
+            .arg(names::presence_index(&self.shared.instance_id))
+            .arg(names::room_channel(room))
+            .arg(&**conn_id)
+            .arg(format!("{room}\n{conn_id}"))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError> {
+        let mut conn = self.master()?;
+        let values: Vec<String> = redis::cmd("HVALS")
+            .arg(names::presence(room))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(values
+            .iter()
+            .filter_map(|v| serde_json::from_str::<WirePresence>(v).ok())
+            .map(PresenceEntry::from)
+            .collect())
+    }
+
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
+        let mut conn = self.master()?;
+        let info = serde_json::to_string(me).map_err(|e| BrokerError::Other(e.to_string()))?;
+        let ttl_ms = self.shared.heartbeat_ttl.as_millis() as u64;
+        let dead: Vec<String> = redis::cmd("EVAL")
+            .arg(HEARTBEAT_SCRIPT)
+            .arg(2)
+            .arg(names::INSTANCES)
+            .arg(names::instance(&me.id))
+            .arg(&me.id)
+            .arg(ttl_ms)
+            .arg(info)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        for id in dead {
+            let reaped: i64 = redis::cmd("EVAL")
+                .arg(REAP_SCRIPT)
+                .arg(1)
+                .arg(names::INSTANCES)
+                .arg(&id)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))?;
+            if reaped == 1 {
+                tracing::info!(instance = %id, "removed a dead instance's presence");
+            }
+        }
+        Ok(())
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
+        let mut conn = self.master()?;
+        let infos: Vec<String> = redis::cmd("EVAL")
+            .arg(INSTANCES_SCRIPT)
+            .arg(1)
+            .arg(names::INSTANCES)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(infos
+            .iter()
+            .filter_map(|i| serde_json::from_str::<InstanceInfoOwned>(i).ok())
+            .map(InstanceInfo::from)
+            .collect())
+    }
+}
+
+#[derive(Deserialize)]
+struct InstanceInfoOwned {
+    id: String,
+    address: String,
+    started_at: String,
+    connections: usize,
+    version: String,
+}
+
+impl From<InstanceInfoOwned> for InstanceInfo {
+    fn from(i: InstanceInfoOwned) -> Self {
+        InstanceInfo {
+            id: i.id,
+            address: i.address,
+            started_at: i.started_at,
+            connections: i.connections,
+            version: i.version,
+        }
+    }
+}
+
+/// Stream entries of `room` after `after`, the newest `limit`, oldest first; `gap` when some
+/// entry after `after` was trimmed or expired.
+async fn read_history(
+    conn: &mut MultiplexedConnection,
+    room: &RoomName,
+    after: MessageId,
+    limit: usize,
+    cfg: &RedisConfig,
+) -> Result<History, RedisError> {
+    let key = names::stream(room);
+    let mut pipe = redis::pipe();
+    pipe.cmd("EXISTS").arg(&key);
+    pipe.cmd("XREVRANGE")
+        .arg(&key)
+        .arg("+")
+        .arg(format!("({after}"))
+        .arg("COUNT")
+        .arg(limit + 1);
+    let (exists, entries): (bool, Vec<Value>) = pipe.query_async(conn).await?;
+    let mut events = parse_entries(room, &entries);
+    events.reverse();
+    let mut gap = false;
+    if events.len() > limit {
+        events.drain(..events.len() - limit);
+        gap = true;
+    }
+    if exists {
+        // Redis 7 keeps the newest id trimmed away from a stream.
+        let info: Value = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&key)
+            .query_async(conn)
+            .await?;
+        if let Some(deleted) = stream_info_field(&info, "max-deleted-entry-id")
+            .and_then(|v| v.parse::<MessageId>().ok())
+        {
+            gap |= deleted > after;
+        }
+    } else if after != MessageId::ZERO {
+        // The whole stream expired: a `since` older than the TTL may have missed messages.
+        let ttl_ms = cfg.stream_ttl.as_millis() as u64;
+        gap |= after.hi + ttl_ms < crate::protocol::now_ms();
+    }
+    Ok(History {
+        events: events.into_iter().map(Arc::new).collect(),
+        gap,
+    })
+}
+
+fn stream_info_field(info: &Value, name: &str) -> Option<String> {
+    let pairs: Vec<(String, Value)> = match info {
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|kv| {
+                Some((
+                    redis::from_redis_value_ref(&kv[0]).ok()?,
+                    kv.get(1)?.clone(),
+                ))
+            })
+            .collect(),
+        Value::Map(items) => items
+            .iter()
+            .filter_map(|(k, v)| Some((redis::from_redis_value_ref(k).ok()?, v.clone())))
+            .collect(),
+        _ => return None,
+    };
+    pairs
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| redis::from_redis_value_ref(&v).ok())
+}
+
+/// Parses XRANGE/XREVRANGE replies: `[[id, [field, value, ...]], ...]`.
+fn parse_entries(room: &RoomName, entries: &[Value]) -> Vec<RoomEvent> {
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(parts) = entry else { continue };
+        let (Some(id), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else {
+            continue;
+        };
+        let Ok(id) = redis::from_redis_value_ref::<String>(id) else {
+            continue;
+        };
+        let Ok(id) = id.parse::<MessageId>() else {
+            continue;
+        };
+        let payload = fields.chunks(2).find_map(|kv| {
+            let name: String = redis::from_redis_value_ref(&kv[0]).ok()?;
+            (name == "m")
+                .then(|| redis::from_redis_value_ref::<String>(kv.get(1)?).ok())
+                .flatten()
+        });
+        match payload.as_deref().map(serde_json::from_str::<WireMessage>) {
+            Some(Ok(wire)) => out.push(wire.into_event(room, id)),
+            _ => tracing::warn!(room = %room, %id, "skipping an unreadable stream entry"),
+        }
+    }
+    out
+}
+
+// ---- the supervisor ---------------------------------------------------------------------------
+
+/// What the supervisor keeps across reconnects.
+#[derive(Default)]
+struct Subscriptions {
+    /// Rooms wanted, with the last id delivered here.
+    rooms: HashMap<RoomName, MessageId>,
+    users: HashMap<Arc<str>, ()>,
+}
+
+/// Connections to one master.
+struct Connected {
+    master: MultiplexedConnection,
+    sink: PubSubSink,
+    stream: redis::aio::PubSubStream,
+    /// `+switch-master` notices from a sentinel, when Sentinel is used.
+    switch: Option<redis::aio::PubSubStream>,
+}
+
+async fn supervise(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let mut subs = Subscriptions::default();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match connect(&shared).await {
+            Ok(conn) => {
+                backoff = Duration::from_millis(100);
+                let started = Instant::now();
+                if let Some(()) = serve(&shared, conn, &mut subs, &mut commands).await {
+                    return;
+                }
+                shared.ready.store(false, Ordering::SeqCst);
+                *shared.master.write().unwrap() = None;
+                *shared.replica.write().unwrap() = None;
+                crate::telemetry::metric::broker_reconnect();
+                tracing::warn!(
+                    connected_for_ms = started.elapsed().as_millis() as u64,
+                    "Redis master lost; rediscovering"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Redis unavailable");
+                // Refuse subscriptions asked for meanwhile rather than keep them waiting.
+                let deadline = tokio::time::sleep(backoff);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        _ = &mut deadline => break,
+                        cmd = commands.recv() => match cmd {
+                            None => return,
+                            Some(cmd) => refuse_while_down(cmd, &mut subs),
+                        },
+                    }
+                }
+                let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 4);
+                backoff = (backoff * 2).min(Duration::from_secs(2)) + Duration::from_millis(jitter);
+            }
+        }
+    }
+}
+
+/// While no master is reachable, keep the wanted set current and refuse new subscriptions.
+fn refuse_while_down(cmd: Command, subs: &mut Subscriptions) {
+    match cmd {
+        Command::SubscribeRoom(_, done) => {
+            // The gateway undoes the join; the client may retry.
+            let _ = done.send(Err(unavailable("no Redis master reachable")));
+        }
+        Command::UnsubscribeRoom(room) => {
+            subs.rooms.remove(&room);
+        }
+        Command::SubscribeUser(user, done) => {
+            subs.users.insert(user, ());
+            let _ = done.send(Ok(()));
+        }
+        Command::UnsubscribeUser(user) => {
+            subs.users.remove(&user);
+        }
+    }
+}
+
+fn client_config(cfg: &RedisConfig) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(cfg.command_timeout))
+        .set_response_timeout(Some(cfg.command_timeout))
+}
+
+async fn connect(shared: &Shared) -> Result<Connected, RedisError> {
+    let cfg = &shared.cfg;
+    let timeout = cfg.command_timeout;
+    let (client, replicas, sentinel_client) = if cfg.sentinels.is_empty() {
+        (Client::open(cfg.url.as_str())?, Vec::new(), None)
+    } else {
+        discover(cfg).await?
+    };
+    let master = client
+        .get_multiplexed_async_connection_with_config(&client_config(cfg))
+        .await?;
+    let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+        .await
+        .map_err(|_| io_timeout("Pub/Sub connect"))??;
+    let (sink, stream) = pubsub.split();
+
+    let acks = match cfg.min_replicas_ack {
+        Some(n) => n,
+        None if !replicas.is_empty() => 1,
+        None => 0,
+    };
+    shared.min_acks.store(acks, Ordering::Relaxed);
+    let mut replica = None;
+    if cfg.read_from_replicas {
+        for r in &replicas {
+            if let Ok(Ok(c)) = tokio::time::timeout(
+                timeout,
+                r.get_multiplexed_async_connection_with_config(&client_config(cfg)),
+            )
+            .await
+            {
+                replica = Some(c);
+                break;
+            }
+        }
+    }
+    let switch = match sentinel_client {
+        Some(s) => match tokio::time::timeout(timeout, s.get_async_pubsub()).await {
+            Ok(Ok(mut ps)) => match ps.subscribe("+switch-master").await {
+                Ok(()) => Some(ps.into_on_message()),
+                Err(_) => None,
+            },
+            _ => None,
+        },
+        None => None,
+    };
+    *shared.master.write().unwrap() = Some(master.clone());
+    *shared.replica.write().unwrap() = replica;
+    tracing::info!(
+        master = %client.get_connection_info().addr(),
+        replicas = replicas.len(),
+        min_replicas_ack = acks,
+        "connected to Redis"
+    );
+    Ok(Connected {
+        master,
+        sink,
+        stream,
+        switch,
+    })
+}
+
+fn io_timeout(what: &str) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} timed out"),
+    ))
+}
+
+/// Asks the sentinels for the master (and replicas). Returns the master client, the replica
+/// clients and a client for one reachable sentinel (for `+switch-master`).
+async fn discover(cfg: &RedisConfig) -> Result<(Client, Vec<Client>, Option<Client>), RedisError> {
+    let auth = if cfg.sentinel_password.is_empty() {
+        String::new()
+    } else {
+        format!(":{}@", urlencode(&cfg.sentinel_password))
+    };
+    let urls: Vec<String> = cfg
+        .sentinels
+        .iter()
+        .map(|s| format!("redis://{auth}{s}"))
+        .collect();
+    let mut sentinel = redis::sentinel::Sentinel::build(urls.clone())?;
+    let mut node = redis::RedisConnectionInfo::default().set_db(cfg.db);
+    if !cfg.password.is_empty() {
+        node = node.set_password(&cfg.password);
+    }
+    let node =
+        redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+    let timeout = cfg.command_timeout * 3;
+    let master = tokio::time::timeout(
+        timeout,
+        sentinel.async_master_for(&cfg.master_name, Some(&node)),
+    )
+    .await
+    .map_err(|_| io_timeout("Sentinel master lookup"))??;
+    let replicas = tokio::time::timeout(
+        timeout,
+        sentinel.async_get_replica_clients(&cfg.master_name, Some(&node)),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or_default();
+    let sentinel_client = urls.first().and_then(|u| Client::open(u.as_str()).ok());
+    Ok((master, replicas, sentinel_client))
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Runs on one master until it fails. `Some(())` when the broker is dropped.
+async fn serve(
+    shared: &Shared,
+    conn: Connected,
+    subs: &mut Subscriptions,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> Option<()> {
+    let Connected {
+        mut master,
+        mut sink,
+        mut stream,
+        switch,
+    } = conn;
+    // Resubscribe everything, then deliver what was written while we were away.
+    let rooms: Vec<String> = subs.rooms.keys().map(|r| names::room_channel(r)).collect();
+    let users: Vec<String> = subs.users.keys().map(|u| names::user_channel(u)).collect();
+    for channels in [rooms, users] {
+        if !channels.is_empty() && sink.subscribe(&channels).await.is_err() {
+            return None;
+        }
+    }
+    let wanted: Vec<RoomName> = subs.rooms.keys().cloned().collect();
+    for room in wanted {
+        if catch_up(shared, &mut master, &room, subs).await.is_err() {
+            return None;
+        }
+    }
+    shared.ready.store(true, Ordering::SeqCst);
+
+    let mut switch = switch;
+    let mut health =
+        tokio::time::interval(shared.cfg.command_timeout.max(Duration::from_millis(500)));
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(msg) => on_message(shared, &msg, subs),
+                None => return None,
+            },
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { return Some(()) };
+                if apply(shared, &mut master, &mut sink, cmd, subs).await.is_err() {
+                    return None;
+                }
+            }
+            notice = next_switch(&mut switch) => {
+                tracing::info!(notice = %notice, "Sentinel switched the master");
+                return None;
+            }
+            _ = health.tick() => {
+                let ping: Result<String, _> = redis::cmd("PING").query_async(&mut master).await;
+                if ping.is_err() {
+                    return None;
+                }
+            }
+            _ = shared.reconnect.notified() => return None,
+        }
+    }
+}
+
+async fn next_switch(switch: &mut Option<redis::aio::PubSubStream>) -> String {
+    match switch {
+        Some(s) => match s.next().await {
+            Some(msg) => msg.get_payload::<String>().unwrap_or_default(),
+            None => {
+                *switch = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn apply(
+    shared: &Shared,
+    master: &mut MultiplexedConnection,
+    sink: &mut PubSubSink,
+    cmd: Command,
+    subs: &mut Subscriptions,
+) -> Result<(), RedisError> {
+    match cmd {
+        Command::SubscribeRoom(room, done) => {
+            if subs.rooms.contains_key(&room) {
+                let _ = done.send(Ok(()));
+                return Ok(());
+            }
+            // Start from the stream's newest id, subscribe, then replay what came in between:
+            // nothing published after the subscription started is missed.
+            let newest = newest_id(master, &room).await;
+            let newest = match newest {
+                Ok(id) => id,
+                Err(e) => {
+                    let _ = done.send(Err(unavailable(&e)));
+                    return Err(e);
+                }
+            };
+            subs.rooms.insert(room.clone(), newest);
+            if let Err(e) = sink.subscribe(names::room_channel(&room)).await {
+                let _ = done.send(Err(unavailable(&e)));
+                return Err(e);
+            }
+            let caught_up = catch_up(shared, master, &room, subs).await;
+            let _ = done.send(caught_up.as_ref().map(|_| ()).map_err(unavailable));
+            caught_up
+        }
+        Command::UnsubscribeRoom(room) => {
+            subs.rooms.remove(&room);
+            sink.unsubscribe(names::room_channel(&room)).await
+        }
+        Command::SubscribeUser(user, done) => {
+            let result = sink.subscribe(names::user_channel(&user)).await;
+            subs.users.insert(user, ());
+            let _ = done.send(result.as_ref().map(|_| ()).map_err(unavailable));
+            result
+        }
+        Command::UnsubscribeUser(user) => {
+            subs.users.remove(&user);
+            sink.unsubscribe(names::user_channel(&user)).await
+        }
+    }
+}
+
+async fn newest_id(
+    master: &mut MultiplexedConnection,
+    room: &RoomName,
+) -> Result<MessageId, RedisError> {
+    let entries: Vec<Value> = redis::cmd("XREVRANGE")
+        .arg(names::stream(room))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(master)
+        .await?;
+    Ok(entries
+        .first()
+        .and_then(|e| match e {
+            Value::Array(parts) => parts.first(),
+            _ => None,
+        })
+        .and_then(|id| redis::from_redis_value_ref::<String>(id).ok())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(MessageId::ZERO))
+}
+
+/// Delivers what the room's stream holds after the last id delivered here.
+async fn catch_up(
+    shared: &Shared,
+    master: &mut MultiplexedConnection,
+    room: &RoomName,
+    subs: &mut Subscriptions,
+) -> Result<(), RedisError> {
+    const PAGE: usize = 500;
+    for _ in 0..1000 {
+        let Some(&last) = subs.rooms.get(room) else {
+            return Ok(());
+        };
+        let entries: Vec<Value> = redis::cmd("XRANGE")
+            .arg(names::stream(room))
+            .arg(format!("({last}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(master)
+            .await?;
+        let events = parse_entries(room, &entries);
+        let full = entries.len() == PAGE;
+        for event in events {
+            deliver_room(shared, subs, Arc::new(event));
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Delivers a room event unless it was delivered already (ids only grow per room).
+fn deliver_room(shared: &Shared, subs: &mut Subscriptions, event: Arc<RoomEvent>) {
+    let Some(last) = subs.rooms.get_mut(&event.msg.room) else {
+        return;
+    };
+    if event.id <= *last {
+        return;
+    }
+    *last = event.id;
+    shared.sink.room_event(event);
+}
+
+fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
+    let channel = msg.get_channel_name();
+    let payload = msg.get_payload_bytes();
+    if let Some(room) = channel.strip_prefix(names::ROOM_PREFIX) {
+        let Some(room) = subs.rooms.get_key_value(room).map(|(r, _)| r.clone()) else {
+            return;
+        };
+        let Some(nl) = payload.iter().position(|&b| b == b'\n') else {
+            return;
+        };
+        let (head, body) = (&payload[..nl], &payload[nl + 1..]);
+        if head == b"p" {
+            match serde_json::from_slice::<WirePresenceDiff>(body) {
+                Ok(diff) => shared.sink.presence(Arc::new(PresenceDiff {
+                    room,
+                    joins: diff.joins.into_iter().map(PresenceEntry::from).collect(),
+                    leaves: diff.leaves.into_iter().map(PresenceEntry::from).collect(),
+                })),
+                Err(e) => tracing::warn!(error = %e, "unreadable presence diff"),
+            }
+            return;
+        }
+        let id = std::str::from_utf8(head)
+            .ok()
+            .and_then(|s| s.parse::<MessageId>().ok());
+        match (id, serde_json::from_slice::<WireMessage>(body)) {
+            (Some(id), Ok(wire)) => {
+                let event = Arc::new(wire.into_event(&room, id));
+                deliver_room(shared, subs, event);
+            }
+            _ => tracing::warn!(channel, "unreadable room message"),
+        }
+    } else if channel.starts_with(names::USER_PREFIX) {
+        match serde_json::from_slice::<WireDirect>(payload) {
+            Ok(w) => shared.sink.direct(Arc::new(DirectMessage {
+                to: w.to.into(),
+                data: w.d.to_owned(),
+                sender_id: w.s.into(),
+                ts_ms: w.t,
+                traceparent: w.tp.map(str::to_string),
+            })),
+            Err(e) => tracing::warn!(error = %e, "unreadable direct message"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_message_round_trips() {
+        let data = RawValue::from_string(r#"{"a":1}"#.into()).unwrap();
+        let json = serde_json::to_string(&WireMessage {
+            k: MessageKind::System,
+            d: &data,
+            s: None,
+            t: 5,
+            oi: Some("i1"),
+            os: Some(9),
+            tp: Some("00-x"),
+        })
+        .unwrap();
+        let back: WireMessage = serde_json::from_str(&json).unwrap();
+        let ev = back.into_event(&RoomName::from("r"), MessageId::new(1, 2));
+        assert_eq!(ev.msg.kind, MessageKind::System);
+        assert_eq!(ev.msg.data.get(), r#"{"a":1}"#);
+        assert_eq!(ev.msg.origin.unwrap().session, 9);
+        assert_eq!(ev.msg.traceparent.as_deref(), Some("00-x"));
+    }
+
+    #[test]
+    fn names_follow_the_protocol() {
+        assert_eq!(names::room_channel("public:lobby"), "rt:room:public:lobby");
+        assert_eq!(names::stream("public:lobby"), "rt:stream:public:lobby");
+    }
+}
