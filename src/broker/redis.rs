@@ -694,11 +694,18 @@ struct Connected {
 
 async fn supervise(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
     let mut subs = Subscriptions::default();
-    let mut backoff = Duration::from_millis(100);
+    const FIRST_RETRY: Duration = Duration::from_millis(50);
+    // With Sentinel, asking again is cheap and finds a promoted master soon after it is named.
+    let max_retry = if shared.cfg.sentinels.is_empty() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(250)
+    };
+    let mut backoff = FIRST_RETRY;
     loop {
         match connect(&shared).await {
             Ok(conn) => {
-                backoff = Duration::from_millis(100);
+                backoff = FIRST_RETRY;
                 let started = Instant::now();
                 if let Some(()) = serve(&shared, conn, &mut subs, &mut commands).await {
                     return;
@@ -727,7 +734,7 @@ async fn supervise(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Co
                     }
                 }
                 let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 4);
-                backoff = (backoff * 2).min(Duration::from_secs(2)) + Duration::from_millis(jitter);
+                backoff = (backoff * 2).min(max_retry) + Duration::from_millis(jitter);
             }
         }
     }

@@ -1,0 +1,375 @@
+//! rtgate instances sharing rooms through a real Redis topology (master, 2 replicas,
+//! 3 sentinels) started by the harness; failover and restart cases.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::redis::{RedisServer, SentinelTopology, require_redis};
+use common::{Client, Server, WAIT, token};
+use serde_json::{Value, json};
+
+/// Gateway config for a Sentinel topology; short heartbeats so instance death shows quickly.
+fn sentinel_toml(topo: &SentinelTopology) -> String {
+    let sentinels: Vec<String> = topo
+        .sentinel_addrs()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    format!(
+        r#"
+[broker]
+kind = "redis"
+[redis]
+sentinels = [{}]
+master_name = "{}"
+command_timeout = "500ms"
+[heartbeat]
+interval = "500ms"
+ttl = "2s"
+"#,
+        sentinels.join(", "),
+        topo.master_name
+    )
+}
+
+async fn three_instances(topo: &SentinelTopology) -> (Server, Server, Server) {
+    let cfg = sentinel_toml(topo);
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let c = Server::start(&cfg).await;
+    (a, b, c)
+}
+
+async fn user_on(server: &Server, sub: &str) -> Client {
+    let mut c = Client::connect(&server.ws_url(&token(sub, false, 3600))).await;
+    c.read_welcome().await;
+    c
+}
+
+fn kill9(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+}
+
+fn messages_in(frames: &[Value], room: &str) -> Vec<Value> {
+    frames
+        .iter()
+        .filter(|v| v["type"] == "message" && v["room"] == room)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn three_instances_share_rooms_directs_presence_history_and_stats() {
+    if !require_redis() {
+        return;
+    }
+    let topo = SentinelTopology::start().await;
+    let (a, b, mut c) = three_instances(&topo).await;
+
+    // Stats: every instance sees the three heartbeats.
+    let stats = a
+        .wait_stats(Duration::from_secs(5), |s| s["instances"] == 3)
+        .await;
+    assert_eq!(stats["broker"], "redis");
+    assert_eq!(stats["live_instances"].as_array().unwrap().len(), 3);
+
+    // A message published through A reaches members on B and C exactly once.
+    let room = "public:shared";
+    let mut on_a = user_on(&a, "alice").await;
+    let mut on_b = user_on(&b, "bob").await;
+    let mut on_c = user_on(&c, "carol").await;
+    for cl in [&mut on_b, &mut on_c] {
+        cl.join(room).await;
+    }
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(on_a.publish(room, json!({ "n": n })).await);
+    }
+    for cl in [&mut on_b, &mut on_c] {
+        let frames = cl.collect_for(Duration::from_millis(800)).await;
+        let got: Vec<String> = messages_in(&frames, room)
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(got, ids, "each message once, in order, same ids as acked");
+        let first = &messages_in(&frames, room)[0];
+        assert_eq!(first["sender_id"], "alice");
+        assert_eq!(first["data"]["n"], 0);
+    }
+
+    // Direct messages cross instances.
+    on_a.request_ok(json!({"type": "direct", "data": {"to": "carol", "hi": 1}}))
+        .await;
+    let d = on_c
+        .recv_until(|v| v["type"] == "direct", WAIT)
+        .await
+        .expect("direct reaches carol on C");
+    assert_eq!(d["sender_id"], "alice");
+    assert_eq!(d["data"]["hi"], 1);
+
+    // Presence: tracked on C, seen in B's state and diff.
+    let proom = "public:presence";
+    on_b.join(proom).await;
+    on_c.join(proom).await;
+    on_c.request_ok(json!({"type": "track", "room": proom, "data": {"status": "here"}}))
+        .await;
+    let diff = on_b
+        .recv_until(|v| v["type"] == "presence_diff", WAIT)
+        .await
+        .expect("diff on B");
+    assert_eq!(diff["data"]["joins"]["carol"][0]["status"], "here");
+    let mut late = user_on(&a, "dave").await;
+    late.request_ok(json!({"type": "join", "room": proom}))
+        .await;
+    let state = late
+        .recv_until(|v| v["type"] == "presence_state", WAIT)
+        .await
+        .expect("state on A");
+    assert_eq!(state["data"]["carol"][0]["status"], "here");
+
+    // History written through A, replayed through C.
+    let hroom = "public:history";
+    let mut hids = Vec::new();
+    for n in 0..5 {
+        hids.push(on_a.publish(hroom, json!({ "h": n })).await);
+    }
+    let mut replayer = user_on(&c, "erin").await;
+    replayer
+        .request_ok(json!({"type": "join", "room": hroom, "since": hids[1]}))
+        .await;
+    let frames = replayer.collect_for(Duration::from_millis(300)).await;
+    let replayed: Vec<String> = messages_in(&frames, hroom)
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(replayed, hids[2..].to_vec());
+
+    // SIGKILL C: its presence is cleaned up (leave diff on B) and stats drop to 2 within the TTL.
+    let killed = Instant::now();
+    kill9(c.pid());
+    let _ = c.wait_exit(Duration::from_secs(2)).await;
+    let leave = on_b
+        .recv_until(
+            |v| v["type"] == "presence_diff" && v["data"]["leaves"]["carol"].is_array(),
+            Duration::from_secs(8),
+        )
+        .await
+        .expect("carol's presence is removed after her instance died");
+    assert_eq!(leave["room"], proom);
+    let stats = a
+        .wait_stats(Duration::from_secs(6), |s| s["instances"] == 2)
+        .await;
+    assert_eq!(stats["live_instances"].as_array().unwrap().len(), 2);
+    println!(
+        "dead instance dropped from stats and presence in {:?}",
+        killed.elapsed()
+    );
+    drop(b);
+}
+
+/// Outcome of a steady publisher.
+struct PublishLog {
+    /// (seq, id) of every acked publish, in order.
+    acked: Vec<(u64, String)>,
+    /// Longest time between two successful acks.
+    outage: Duration,
+    refused: usize,
+}
+
+/// Publishes numbered messages with `ref` at a steady pace for `duration`.
+async fn publish_steadily(mut client: Client, room: &str, duration: Duration) -> PublishLog {
+    let mut log = PublishLog {
+        acked: Vec::new(),
+        outage: Duration::ZERO,
+        refused: 0,
+    };
+    let started = Instant::now();
+    let mut last_ack = Instant::now();
+    let mut seq = 0u64;
+    while started.elapsed() < duration && seq < 5000 {
+        seq += 1;
+        let reply = client
+            .request(json!({"type": "message", "room": room, "data": {"seq": seq}}))
+            .await;
+        if reply["type"] == "ack" {
+            log.outage = log.outage.max(last_ack.elapsed());
+            last_ack = Instant::now();
+            log.acked
+                .push((seq, reply["data"]["id"].as_str().unwrap().to_string()));
+        } else {
+            assert_eq!(reply["data"]["code"], "unavailable", "{reply}");
+            log.refused += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.assert_alive().await;
+    log
+}
+
+/// Reads everything for `duration`; panics if the connection closes.
+async fn listen(mut client: Client, room: &'static str, duration: Duration) -> Vec<(u64, String)> {
+    let frames = client.collect_for(duration).await;
+    client.assert_alive().await;
+    messages_in(&frames, room)
+        .iter()
+        .map(|m| {
+            (
+                m["data"]["seq"].as_u64().unwrap(),
+                m["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Every acked message reaches the subscriber exactly once, in publish order.
+fn check_delivery(name: &str, acked: &[(u64, String)], got: &[(u64, String)]) {
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for (_, id) in got {
+        *count.entry(id).or_default() += 1;
+    }
+    let dupes: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dupes.is_empty(), "{name}: duplicates {dupes:?}");
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|(_, id)| !count.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{name}: acked but not delivered: {missing:?}"
+    );
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "{name}: out of order: {seqs:?}"
+    );
+}
+
+async fn failover_case(freeze: bool) {
+    if !require_redis() {
+        return;
+    }
+    let mut topo = SentinelTopology::start().await;
+    let (a, b, c) = three_instances(&topo).await;
+    let room: &'static str = if freeze {
+        "public:freeze"
+    } else {
+        "public:kill"
+    };
+    let mut sub_b = user_on(&b, "sub-b").await;
+    let mut sub_c = user_on(&c, "sub-c").await;
+    sub_b.join(room).await;
+    sub_c.join(room).await;
+    let publisher = user_on(&a, "pub").await;
+
+    let total = Duration::from_secs(12);
+    let listen_for = total + Duration::from_secs(3);
+    let pubs = tokio::spawn(publish_steadily(publisher, room, total));
+    let lb = tokio::spawn(listen(sub_b, room, listen_for));
+    let lc = tokio::spawn(listen(sub_c, room, listen_for));
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old = topo.initial_master_port();
+    if freeze {
+        topo.stop_node(old);
+    } else {
+        topo.kill_node(old);
+    }
+    let (new_master, failover) = topo.wait_for_failover(old, Duration::from_secs(15)).await;
+    if freeze {
+        // The old master comes back and is turned into a replica by Sentinel.
+        topo.cont_node(old);
+    }
+
+    let log = pubs.await.expect("publisher");
+    let got_b = lb.await.expect("subscriber on B stayed connected");
+    let got_c = lc.await.expect("subscriber on C stayed connected");
+    println!(
+        "{} master {old} -> {new_master}: sentinel failover {:?}, publish outage {:?}, {} acked, {} refused",
+        if freeze { "SIGSTOP" } else { "SIGKILL" },
+        failover,
+        log.outage,
+        log.acked.len(),
+        log.refused
+    );
+    assert!(
+        log.acked.len() > 100,
+        "publishing went on: {}",
+        log.acked.len()
+    );
+    assert!(
+        log.outage <= failover + Duration::from_secs(2),
+        "publishing resumed within the failover time + 2 s: outage {:?}, failover {failover:?}",
+        log.outage
+    );
+    check_delivery("B", &log.acked, &got_b);
+    check_delivery("C", &log.acked, &got_c);
+    drop(a);
+}
+
+#[tokio::test]
+async fn sigkill_of_the_master_loses_no_acked_message() {
+    failover_case(false).await;
+}
+
+#[tokio::test]
+async fn sigstop_of_the_master_loses_no_acked_message() {
+    failover_case(true).await;
+}
+
+#[tokio::test]
+async fn plain_url_redis_restart_reconnects_and_resumes() {
+    if !require_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start_standalone().await;
+    let cfg = format!(
+        "[broker]\nkind = \"redis\"\n[redis]\nurl = \"{}\"\ncommand_timeout = \"500ms\"\n",
+        redis.url()
+    );
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let room = "public:restart";
+    let mut publisher = user_on(&a, "p").await;
+    let mut sub = user_on(&b, "s").await;
+    sub.join(room).await;
+    publisher.publish(room, json!({"before": true})).await;
+    assert!(sub.recv_message(room, WAIT).await.is_some());
+
+    redis.kill();
+    // While Redis is down: clients stay connected, publishes are refused, /readyz is 503.
+    let refused = publisher
+        .request(json!({"type": "message", "room": room, "data": {"down": true}}))
+        .await;
+    assert_eq!(refused["data"]["code"], "unavailable", "{refused}");
+    let (status, _) = a.get("/readyz").await;
+    assert_eq!(status, 503);
+
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut id = None;
+    while Instant::now() < deadline {
+        let reply = publisher
+            .request(json!({"type": "message", "room": room, "data": {"after": true}}))
+            .await;
+        if reply["type"] == "ack" {
+            id = Some(reply["data"]["id"].as_str().unwrap().to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = id.expect("publishing resumed after the restart");
+    let got = sub
+        .recv_until(
+            |v| v["type"] == "message" && v["data"]["after"] == true,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("delivery resumed on the other instance");
+    assert_eq!(got["id"], id.as_str());
+    let (status, _) = a.get("/readyz").await;
+    assert_eq!(status, 200);
+}
