@@ -219,7 +219,7 @@ pub struct RedisConfig {
     pub db: i64,
     /// Serve `since` replay from a replica (the newest tail still comes from the master).
     pub read_from_replicas: bool,
-    /// Messages kept per room stream (approximate trimming: at least this many).
+    /// Messages kept per room stream.
     pub stream_maxlen: u64,
     /// A room's stream expires this long after its last message.
     #[serde(with = "humantime_serde")]

@@ -3,6 +3,8 @@
 //! Each backend provides a factory that builds two broker handles (two "instances") sharing
 //! one backend, each with its own recording sink. Backends needing a service start it here.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -176,8 +178,7 @@ async fn trimmed_history_is_a_gap(a: &Instance, history_size: usize) {
     assert_eq!(h.events.len(), 2);
 }
 
-// Needs two separate instances: used by the distributed backends (Redis, Kafka).
-#[allow(dead_code)]
+// Needs two separate instances: used by the distributed backends.
 async fn direct_reaches_the_users_instance_only(a: &Instance, b: &Instance) {
     let user: Arc<str> = format!("user-{}", rtgate::protocol::now_ms()).into();
     b.broker.subscribe_user(&user).await.unwrap();
@@ -348,5 +349,86 @@ mod memory {
         b.sink
             .wait("direct", |s| s.directs.lock().unwrap().len() == 1)
             .await;
+    }
+}
+
+mod redis {
+    use super::*;
+    use crate::common::redis::{RedisServer, require_redis};
+    use rtgate::broker::RedisBroker;
+    use rtgate::config::RedisConfig;
+
+    const HISTORY: u64 = 20;
+
+    /// Two instances (two brokers, two sinks) on one real Redis.
+    async fn pair(server: &RedisServer) -> (Instance, Instance) {
+        let make = |id: &str| {
+            let sink = Arc::new(Recording::default());
+            let cfg = RedisConfig {
+                url: server.url(),
+                stream_maxlen: HISTORY,
+                ..RedisConfig::default()
+            };
+            let broker: Arc<dyn Broker> = Arc::new(RedisBroker::start(
+                cfg,
+                Duration::from_secs(15),
+                id.into(),
+                sink.clone(),
+            ));
+            Instance { broker, sink }
+        };
+        let (a, b) = (make("conf-a"), make("conf-b"));
+        for inst in [&a, &b] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !inst.broker.is_ready() {
+                assert!(std::time::Instant::now() < deadline, "broker never ready");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        (a, b)
+    }
+
+    macro_rules! redis_case {
+        ($name:ident, |$a:ident, $b:ident| $body:expr) => {
+            #[tokio::test]
+            async fn $name() {
+                if !require_redis() {
+                    return;
+                }
+                let server = RedisServer::start_standalone().await;
+                let ($a, $b) = pair(&server).await;
+                let _ = &$b;
+                $body.await;
+            }
+        };
+    }
+
+    redis_case!(publish_reaches_subscribers_in_order_once, |a, b| {
+        super::publish_reaches_subscribers_in_order_once(&a, &b)
+    });
+    redis_case!(unsubscribed_rooms_are_not_delivered, |a, b| {
+        super::unsubscribed_rooms_are_not_delivered(&a, &b)
+    });
+    redis_case!(history_replays_after_an_id, |a, b| {
+        super::history_replays_after_an_id(&a, &b)
+    });
+    redis_case!(presence_is_shared_and_diffed, |a, b| {
+        super::presence_is_shared_and_diffed(&a, &b)
+    });
+    redis_case!(heartbeats_list_instances, |a, b| {
+        super::heartbeats_list_instances(&a)
+    });
+    redis_case!(direct_reaches_the_users_instance_only, |a, b| {
+        super::direct_reaches_the_users_instance_only(&a, &b)
+    });
+
+    #[tokio::test]
+    async fn trimmed_history_is_a_gap() {
+        if !require_redis() {
+            return;
+        }
+        let server = RedisServer::start_standalone().await;
+        let (a, _b) = pair(&server).await;
+        super::trimmed_history_is_a_gap(&a, HISTORY as usize).await;
     }
 }

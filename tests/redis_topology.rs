@@ -2,16 +2,22 @@
 
 mod common;
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, SentinelTopology, redis_cmd, require_redis};
+
+/// Compile-time check that the harness futures can run inside `tokio::spawn`.
+fn send<F: Future + Send>(f: F) -> F {
+    f
+}
 
 #[tokio::test]
 async fn standalone_start_kill_restart_same_port() {
     if !require_redis() {
         return;
     }
-    let mut server = RedisServer::start_standalone().await;
+    let mut server = send(RedisServer::start_standalone()).await;
     let port = server.port;
     assert_eq!(server.url(), format!("redis://127.0.0.1:{port}"));
     let pong: String = redis_cmd(port, &["PING"]).await.expect("PING");
@@ -25,7 +31,7 @@ async fn standalone_start_kill_restart_same_port() {
     );
 
     let t = Instant::now();
-    server.restart().await;
+    send(server.restart()).await;
     eprintln!("standalone restart on port {port} took {:?}", t.elapsed());
     assert_eq!(server.port, port);
     assert_ne!(server.pid(), first_pid);
@@ -41,14 +47,14 @@ async fn sentinel_topology_comes_up_healthy() {
         return;
     }
     let t = Instant::now();
-    let topo = SentinelTopology::start().await;
+    let topo = send(SentinelTopology::start()).await;
     eprintln!("sentinel topology up in {:?}", t.elapsed());
     assert_eq!(topo.master_name, "rtmaster");
     assert_eq!(topo.sentinel_addrs().len(), 3);
     assert_eq!(topo.node_ports().len(), 3);
     assert_eq!(topo.pids().len(), 6);
     assert_eq!(
-        topo.master_addr().await,
+        send(topo.master_addr()).await,
         format!("127.0.0.1:{}", topo.initial_master_port())
     );
     let role: Vec<redis::Value> = redis_cmd(topo.node_ports()[1], &["ROLE"])
@@ -72,7 +78,7 @@ async fn sigkill_of_master_fails_over_within_10s() {
         .expect("SET on master");
 
     topo.kill_node(old);
-    let (new_port, took) = topo.wait_for_failover(old, Duration::from_secs(10)).await;
+    let (new_port, took) = send(topo.wait_for_failover(old, Duration::from_secs(10))).await;
     eprintln!("failover {old} -> {new_port} took {took:?}");
     assert_ne!(new_port, old);
     assert!(topo.node_ports().contains(&new_port));

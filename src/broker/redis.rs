@@ -36,6 +36,10 @@ mod names {
     pub fn user_channel(user: &str) -> String {
         format!("rt:user:{user}")
     }
+    /// The newest id trimmed out of a room's stream.
+    pub fn trimmed(room: &str) -> String {
+        format!("rt:trimmed:{room}")
+    }
     pub fn presence(room: &str) -> String {
         format!("rt:presence:{room}")
     }
@@ -51,9 +55,17 @@ mod names {
 }
 
 /// Stores, trims, expires and publishes in one step; the live payload carries the stream id,
-/// so the live id and the history id are the same.
+/// so the live id and the history id are the same. Trimming is exact and remembers the newest
+/// id it removed, so a `since` older than the history is reported as a gap.
+/// KEYS: stream, channel, trimmed-id key. ARGV: maxlen, ttl ms, payload.
 const PUBLISH_SCRIPT: &str = r"
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[3])
+local maxlen = tonumber(ARGV[1])
+local over = redis.call('XLEN', KEYS[1]) - maxlen + 1
+if over > 0 then
+  local gone = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', over)
+  redis.call('SET', KEYS[3], gone[#gone][1], 'PX', ARGV[2])
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'm', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PUBLISH', KEYS[2], id .. '\n' .. ARGV[3])
 return id
@@ -337,9 +349,10 @@ impl Broker for RedisBroker {
         let mut pipe = redis::pipe();
         pipe.cmd("EVAL")
             .arg(PUBLISH_SCRIPT)
-            .arg(2)
+            .arg(3)
             .arg(names::stream(&msg.room))
             .arg(names::room_channel(&msg.room))
+            .arg(names::trimmed(&msg.room))
             .arg(cfg.stream_maxlen)
             .arg(cfg.stream_ttl.as_millis() as u64)
             .arg(&payload);
@@ -585,13 +598,15 @@ async fn read_history(
     let key = names::stream(room);
     let mut pipe = redis::pipe();
     pipe.cmd("EXISTS").arg(&key);
+    pipe.cmd("GET").arg(names::trimmed(room));
     pipe.cmd("XREVRANGE")
         .arg(&key)
         .arg("+")
         .arg(format!("({after}"))
         .arg("COUNT")
         .arg(limit + 1);
-    let (exists, entries): (bool, Vec<Value>) = pipe.query_async(conn).await?;
+    let (exists, trimmed, entries): (bool, Option<String>, Vec<Value>) =
+        pipe.query_async(conn).await?;
     let mut events = parse_entries(room, &entries);
     events.reverse();
     let mut gap = false;
@@ -599,19 +614,10 @@ async fn read_history(
         events.drain(..events.len() - limit);
         gap = true;
     }
-    if exists {
-        // Redis 7 keeps the newest id trimmed away from a stream.
-        let info: Value = redis::cmd("XINFO")
-            .arg("STREAM")
-            .arg(&key)
-            .query_async(conn)
-            .await?;
-        if let Some(deleted) = stream_info_field(&info, "max-deleted-entry-id")
-            .and_then(|v| v.parse::<MessageId>().ok())
-        {
-            gap |= deleted > after;
-        }
-    } else if after != MessageId::ZERO {
+    if let Some(trimmed) = trimmed.and_then(|t| t.parse::<MessageId>().ok()) {
+        gap |= trimmed > after;
+    }
+    if !exists && after != MessageId::ZERO {
         // The whole stream expired: a `since` older than the TTL may have missed messages.
         let ttl_ms = cfg.stream_ttl.as_millis() as u64;
         gap |= after.hi + ttl_ms < crate::protocol::now_ms();
@@ -620,29 +626,6 @@ async fn read_history(
         events: events.into_iter().map(Arc::new).collect(),
         gap,
     })
-}
-
-fn stream_info_field(info: &Value, name: &str) -> Option<String> {
-    let pairs: Vec<(String, Value)> = match info {
-        Value::Array(items) => items
-            .chunks(2)
-            .filter_map(|kv| {
-                Some((
-                    redis::from_redis_value_ref(&kv[0]).ok()?,
-                    kv.get(1)?.clone(),
-                ))
-            })
-            .collect(),
-        Value::Map(items) => items
-            .iter()
-            .filter_map(|(k, v)| Some((redis::from_redis_value_ref(k).ok()?, v.clone())))
-            .collect(),
-        _ => return None,
-    };
-    pairs
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| redis::from_redis_value_ref(&v).ok())
 }
 
 /// Parses XRANGE/XREVRANGE replies: `[[id, [field, value, ...]], ...]`.

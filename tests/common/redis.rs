@@ -1,7 +1,8 @@
-//! Real Redis topologies for integration tests: a standalone `redis-server`, and a
-//! Sentinel set-up (master, 2 replicas, 3 sentinels). Every process listens on a free
-//! loopback port, has its own config file and log file (stdout + stderr) in a temp dir,
-//! and is SIGKILLed and reaped on drop. Every wait is bounded by a timeout, every loop by a count.
+//! Real Redis topologies for integration tests: a standalone `redis-server`, and a Sentinel
+//! set-up (master, 2 replicas, 3 sentinels). Every process listens on a free loopback port,
+//! has its own config file and log file (stdout + stderr) in a temp dir, and is SIGKILLed and
+//! reaped on drop. Every wait is bounded by a timeout, every loop by a count, and every
+//! future here is `Send` (usable inside `tokio::spawn`).
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -17,10 +18,10 @@ pub const MASTER_NAME: &str = "rtmaster";
 const CMD_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a freshly spawned process gets to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-const POLL: Duration = Duration::from_millis(100);
+const POLL_EVERY: Duration = Duration::from_millis(100);
 
-/// True when `redis-server` and `redis-sentinel` are on PATH. When they are missing, panics
-/// if `CI=true`, else prints a "skipping" line and returns false.
+/// True when `redis-server` and `redis-sentinel` are on PATH. When they are missing: panics
+/// if `CI=true`, else prints a "skipping" line to stderr and returns false.
 pub fn require_redis() -> bool {
     let on_path = |bin: &str| {
         std::env::var_os("PATH")
@@ -36,15 +37,13 @@ pub fn require_redis() -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("CI=true but {} not on PATH", missing.join(", "));
     }
-    eprintln!(
-        "skipping: redis-server not installed ({} not on PATH)",
-        missing.join(", ")
-    );
+    let missing = missing.join(", ");
+    eprintln!("skipping: redis-server not installed ({missing} not on PATH)");
     false
 }
 
 /// Sends one command to 127.0.0.1:`port` on a fresh connection; connect and reply are each
-/// bounded by one second (a frozen server yields an error, not a hang).
+/// bounded by one second (a frozen or dead server yields an error, never a hang).
 pub async fn redis_cmd<T: FromRedisValue>(port: u16, args: &[&str]) -> anyhow::Result<T> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
     let mut con = timeout(CMD_TIMEOUT, client.get_multiplexed_async_connection()).await??;
@@ -55,50 +54,78 @@ pub async fn redis_cmd<T: FromRedisValue>(port: u16, args: &[&str]) -> anyhow::R
     Ok(timeout(CMD_TIMEOUT, cmd.query_async::<T>(&mut con)).await??)
 }
 
-/// Value of `field` in an INFO reply, if present.
-fn info_field(info: &str, field: &str) -> Option<String> {
-    info.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .map(|v| v.trim().to_string())
+/// `INFO <section>` of 127.0.0.1:`port`, or an empty string if it does not answer.
+async fn info(port: u16, section: &str) -> String {
+    redis_cmd(port, &["INFO", section])
+        .await
+        .unwrap_or_default()
 }
 
-/// A free loopback port (bind :0, read, release; the small race is handled by one retry).
+/// Value of `field` in an INFO reply.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// A free loopback port (bind :0, read it, release it; the race is covered by one retry).
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local_addr").port()
 }
 
-/// Polls `check` every 100 ms until it is true; returns the time taken, or None after `limit`.
-async fn poll_until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    let rounds = limit.as_millis() / POLL.as_millis() + 1;
-    for _ in 0..rounds {
-        if check().await {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() >= limit {
-            break;
-        }
-        sleep(POLL).await;
-    }
-    None
+/// Bounded polling: `while poll.next().await { ... }` runs the body at once, then every
+/// 100 ms, until `limit` has passed (and at most limit / 100 ms + 1 times).
+struct Poll {
+    start: Instant,
+    limit: Duration,
+    round: u128,
 }
 
-/// One redis-server or redis-sentinel process (restartable with the same config and port).
+impl Poll {
+    fn new(limit: Duration) -> Poll {
+        let start = Instant::now();
+        Poll {
+            start,
+            limit,
+            round: 0,
+        }
+    }
+
+    async fn next(&mut self) -> bool {
+        if self.round > 0 {
+            sleep(POLL_EVERY).await;
+        }
+        self.round += 1;
+        let max_rounds = self.limit.as_millis() / POLL_EVERY.as_millis() + 1;
+        self.round <= max_rounds && (self.round == 1 || self.start.elapsed() <= self.limit)
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// One redis-server or redis-sentinel process, restartable with the same config and port.
 struct Node {
     name: String,
     port: u16,
     conf: PathBuf,
     log: PathBuf,
-    sentinel: bool,
+    bin: &'static str, // redis-server or redis-sentinel
     child: Option<Child>,
     pid: u32,
 }
 
 impl Node {
-    /// Writes `<name>.conf` from `conf(port)` on a free port and starts the process; retries
-    /// once on another port if the first one turns out to be taken.
-    async fn start(dir: &Path, name: &str, sentinel: bool, conf: impl Fn(u16) -> String) -> Node {
+    /// Writes `<name>.conf` (from `conf(port)`) for a free port and starts the process;
+    /// retries once on another port if the first one turns out to be taken.
+    async fn start(
+        dir: &Path,
+        name: &str,
+        bin: &'static str,
+        conf: impl Fn(u16) -> String,
+    ) -> Node {
         let mut last_err = String::new();
         for _attempt in 0..2 {
             let port = free_port();
@@ -107,7 +134,7 @@ impl Node {
                 port,
                 conf: dir.join(format!("{name}.conf")),
                 log: dir.join(format!("{name}.log")),
-                sentinel,
+                bin,
                 child: None,
                 pid: 0,
             };
@@ -120,19 +147,12 @@ impl Node {
         panic!("could not start {name} (two attempts): {last_err}");
     }
 
-    /// Spawns the process with the existing config; waits until it answers on its port with
-    /// its own pid (so that a port collision with another process is detected).
+    /// Spawns the process with its config file; waits until its port answers INFO with this
+    /// process's pid (so a port taken by another process is detected, not mistaken for ours).
     async fn launch(&mut self) -> Result<(), String> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open log file");
-        let bin = if self.sentinel {
-            "redis-sentinel"
-        } else {
-            "redis-server"
-        };
+        let log = OpenOptions::new().create(true).append(true).open(&self.log);
+        let log = log.expect("open log file");
+        let bin = self.bin;
         let child = Command::new(bin)
             .arg(&self.conf)
             .stdin(Stdio::null())
@@ -141,29 +161,22 @@ impl Node {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         self.pid = child.id();
-        self.child = Some(child);
-        let (port, pid) = (self.port, self.pid.to_string());
+        let pid = self.pid.to_string();
+        // Owned by `self` at once: if this future is dropped, Node's Drop still kills it.
+        let child = self.child.insert(child);
         let mut exited = None;
-        let ready = poll_until(START_TIMEOUT, async || {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                exited = Some(status);
-                return true;
+        let mut poll = Poll::new(START_TIMEOUT);
+        while exited.is_none() && poll.next().await {
+            if info_field(&info(self.port, "server").await, "process_id") == Some(&pid) {
+                return Ok(());
             }
-            let info = redis_cmd::<String>(port, &["INFO", "server"]).await;
-            info.is_ok_and(|i| info_field(&i, "process_id").as_deref() == Some(pid.as_str()))
-        })
-        .await;
-        if ready.is_some() && exited.is_none() {
-            return Ok(());
+            exited = child.try_wait().ok().flatten();
         }
         self.kill();
         Err(format!(
-            "{} on port {port} not ready within {START_TIMEOUT:?} (exit: {exited:?})\n{}",
+            "{} on port {} not ready within {START_TIMEOUT:?} (exit: {exited:?})\n{}",
             self.name,
+            self.port,
             self.log_tail(30)
         ))
     }
@@ -182,21 +195,18 @@ impl Node {
 
     fn signal(&self, sig: &str) {
         assert!(self.alive(), "{} is not running", self.name);
-        let status = Command::new("kill")
-            .args([sig, &self.pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {sig} {} failed", self.pid);
+        let pid = self.pid.to_string();
+        let status = Command::new("kill").args([sig, &pid]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill {sig} {pid} failed");
     }
 
     fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         let tail = all[all.len().saturating_sub(lines)..].join("\n");
+        let (name, port) = (&self.name, self.port);
         format!(
-            "--- {} (port {}) {} ---\n{tail}",
-            self.name,
-            self.port,
+            "--- {name} (port {port}) {} ---\n{tail}",
             self.log.display()
         )
     }
@@ -208,30 +218,32 @@ impl Drop for Node {
     }
 }
 
-/// Config of a plain redis-server (`replicaof` is appended for replicas).
-fn server_conf(dir: &Path, name: &str, port: u16) -> String {
-    format!(
+/// Config of a redis-server; a replica of `master` (port) if given.
+fn server_conf(dir: &Path, name: &str, port: u16, master: Option<u16>) -> String {
+    let mut conf = format!(
         "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {}\n\
          dbfilename {name}.rdb\nsave \"\"\nappendonly no\nrepl-diskless-sync-delay 0\n",
         dir.display()
-    )
+    );
+    if let Some(mp) = master {
+        conf += &format!("replicaof 127.0.0.1 {mp}\nreplica-announce-ip 127.0.0.1\n");
+    }
+    conf
 }
 
 /// One standalone redis-server process.
 pub struct RedisServer {
     pub port: u16,
     node: Node,
-    _dir: tempfile::TempDir, // dropped after `node`: the process dies before its dir goes
+    _dir: tempfile::TempDir, // declared after `node`: the process dies before its dir goes
 }
 
 impl RedisServer {
     pub async fn start_standalone() -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().to_path_buf();
-        let node = Node::start(&path, "standalone", false, |p| {
-            server_conf(&path, "standalone", p)
-        })
-        .await;
+        let path = dir.path();
+        let conf = |p| server_conf(path, "standalone", p, None);
+        let node = Node::start(path, "standalone", "redis-server", conf).await;
         RedisServer {
             port: node.port,
             node,
@@ -248,8 +260,8 @@ impl RedisServer {
         self.node.kill();
     }
 
-    /// Starts again on the same port with the same dir (killing it first if it still runs);
-    /// returns once it answers. Retries once after 500 ms if the port is briefly unavailable.
+    /// Starts again on the same port and dir (SIGKILLing it first if still running); returns
+    /// once it answers. Retries once after 500 ms if the port is briefly unavailable.
     pub async fn restart(&mut self) {
         self.node.kill();
         if self.node.launch().await.is_ok() {
@@ -276,51 +288,40 @@ pub struct SentinelTopology {
     pub master_name: String,
     nodes: Vec<Node>, // initial master first, then the replicas
     sentinels: Vec<Node>,
-    _dir: tempfile::TempDir, // dropped last
+    _dir: tempfile::TempDir, // declared last: dropped after every process
 }
 
 impl SentinelTopology {
-    /// Starts master, replicas (waiting for `master_link_status:up`), then sentinels; returns
-    /// once every sentinel passes `SENTINEL ckquorum` and knows 2 replicas and 2 other sentinels.
+    /// Starts the master, the replicas (waits for `master_link_status:up`), then the sentinels;
+    /// returns once every sentinel passes `SENTINEL ckquorum` and knows 2 replicas and the
+    /// 2 other sentinels. Panics with the logs' tails if that takes over 15 s (+ 20 s).
     pub async fn start() -> SentinelTopology {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().to_path_buf();
-        let master = Node::start(&path, "master", false, |p| server_conf(&path, "master", p)).await;
+        let conf = |p| server_conf(&path, "master", p, None);
+        let master = Node::start(&path, "master", "redis-server", conf).await;
         let mp = master.port;
-        let mut nodes = vec![master];
-        for i in 1..=2 {
-            let name = format!("replica{i}");
-            let conf = |p| {
-                server_conf(&path, &name, p)
-                    + &format!("replicaof 127.0.0.1 {mp}\nreplica-announce-ip 127.0.0.1\n")
-            };
-            nodes.push(Node::start(&path, &name, false, conf).await);
-        }
         let mut topo = SentinelTopology {
             master_name: MASTER_NAME.to_string(),
-            nodes,
+            nodes: vec![master],
             sentinels: Vec::new(),
             _dir: dir,
         };
-        // Sentinels find replicas through the master's INFO (sent at once, then every 10 s):
-        // start them only once the replicas are attached.
-        let replica_ports: Vec<u16> = topo.nodes[1..].iter().map(|n| n.port).collect();
-        let linked = poll_until(Duration::from_secs(15), async || {
-            for &p in &replica_ports {
-                let info = redis_cmd::<String>(p, &["INFO", "replication"]).await;
-                if !info.is_ok_and(|i| i.contains("master_link_status:up")) {
-                    return false;
-                }
-            }
-            let info = redis_cmd::<String>(mp, &["INFO", "replication"]).await;
-            info.is_ok_and(|i| info_field(&i, "connected_slaves").as_deref() == Some("2"))
-        })
-        .await;
-        if linked.is_none() {
+        for name in ["replica1", "replica2"] {
+            let conf = |p| server_conf(&path, name, p, Some(mp));
+            let replica = Node::start(&path, name, "redis-server", conf).await;
+            topo.nodes.push(replica);
+        }
+        // A sentinel learns the replicas from the master's INFO, asked at once and then only
+        // every 10 s: start the sentinels once both replicas are attached.
+        let (mut poll, mut linked) = (Poll::new(Duration::from_secs(15)), false);
+        while !linked && poll.next().await {
+            linked = topo.replicas_linked().await;
+        }
+        if !linked {
             topo.fail("replicas did not reach master_link_status:up within 15 s");
         }
-        for i in 1..=3 {
-            let name = format!("sentinel{i}");
+        for name in ["sentinel1", "sentinel2", "sentinel3"] {
             let conf = |p| {
                 format!(
                     "port {p}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {}\n\
@@ -332,77 +333,81 @@ impl SentinelTopology {
                     path.display()
                 )
             };
-            topo.sentinels
-                .push(Node::start(&path, &name, true, conf).await);
+            let sentinel = Node::start(&path, name, "redis-sentinel", conf).await;
+            topo.sentinels.push(sentinel);
         }
-        let ports: Vec<u16> = topo.sentinels.iter().map(|s| s.port).collect();
-        let healthy = poll_until(Duration::from_secs(20), async || {
-            for &p in &ports {
-                let count = async |what: &str| {
-                    let args = ["SENTINEL", what, MASTER_NAME];
-                    redis_cmd::<Vec<redis::Value>>(p, &args)
-                        .await
-                        .map_or(0, |v| v.len())
-                };
-                let ok = redis_cmd::<String>(p, &["SENTINEL", "ckquorum", MASTER_NAME]).await;
-                if !ok.is_ok_and(|s| s.starts_with("OK"))
-                    || count("replicas").await != 2
-                    || count("sentinels").await != 2
-                {
-                    return false;
-                }
-            }
-            true
-        })
-        .await;
-        if healthy.is_none() {
+        let (mut poll, mut agreed) = (Poll::new(Duration::from_secs(20)), false);
+        while !agreed && poll.next().await {
+            agreed = topo.sentinels_agree().await;
+        }
+        if !agreed {
             topo.fail("sentinels did not agree on the topology within 20 s");
         }
         topo
     }
 
+    async fn replicas_linked(&self) -> bool {
+        for replica in &self.nodes[1..] {
+            let info = info(replica.port, "replication").await;
+            if info_field(&info, "master_link_status") != Some("up") {
+                return false;
+            }
+        }
+        let info = info(self.nodes[0].port, "replication").await;
+        info_field(&info, "connected_slaves") == Some("2")
+    }
+
+    async fn sentinels_agree(&self) -> bool {
+        for s in &self.sentinels {
+            let ok = redis_cmd::<String>(s.port, &["SENTINEL", "ckquorum", MASTER_NAME]).await;
+            if !ok.is_ok_and(|s| s.starts_with("OK"))
+                || Self::known(s.port, "replicas").await != 2
+                || Self::known(s.port, "sentinels").await != 2
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// How many `replicas` / `sentinels` the sentinel on `port` knows (0 if no answer).
+    async fn known(port: u16, what: &str) -> usize {
+        let reply = redis_cmd::<Vec<redis::Value>>(port, &["SENTINEL", what, MASTER_NAME]).await;
+        reply.map_or(0, |v| v.len())
+    }
+
     /// Panics with `msg` and the tail of every log.
     fn fail(&self, msg: &str) -> ! {
-        let logs: Vec<String> = self
-            .nodes
-            .iter()
-            .chain(&self.sentinels)
-            .map(|n| n.log_tail(15))
-            .collect();
+        let all = self.nodes.iter().chain(&self.sentinels);
+        let logs: Vec<String> = all.map(|n| n.log_tail(15)).collect();
         panic!("{msg}\n{}", logs.join("\n"));
     }
 
     pub fn sentinel_addrs(&self) -> Vec<String> {
-        self.sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect()
+        let ports = self.sentinels.iter().map(|s| s.port);
+        ports.map(|p| format!("127.0.0.1:{p}")).collect()
     }
 
-    /// The master port that sentinel `port` names, if it answers.
-    async fn master_port_from(port: u16) -> Option<u16> {
-        let reply =
-            redis_cmd::<Vec<String>>(port, &["SENTINEL", "get-master-addr-by-name", MASTER_NAME]);
-        reply.await.ok()?.get(1)?.parse().ok()
-    }
-
-    /// "127.0.0.1:PORT" of the master according to the first sentinel that answers (5 s max).
-    pub async fn master_addr(&self) -> String {
-        let mut found = None;
-        poll_until(Duration::from_secs(5), async || {
-            for s in self.sentinels.iter().filter(|s| s.alive()) {
-                found = Self::master_port_from(s.port).await;
-                if found.is_some() {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        match found {
-            Some(p) => format!("127.0.0.1:{p}"),
-            None => self.fail("no sentinel answered get-master-addr-by-name within 5 s"),
+    /// The master port named by each live sentinel (None where it does not answer).
+    async fn named_masters(&self) -> Vec<Option<u16>> {
+        let mut named = Vec::new();
+        for s in self.sentinels.iter().filter(|s| s.alive()) {
+            let args = ["SENTINEL", "get-master-addr-by-name", MASTER_NAME];
+            let reply = redis_cmd::<Vec<String>>(s.port, &args).await;
+            named.push(reply.ok().and_then(|a| a.get(1)?.parse().ok()));
         }
+        named
+    }
+
+    /// "127.0.0.1:PORT" of the master, as named by the first sentinel that answers (5 s max).
+    pub async fn master_addr(&self) -> String {
+        let mut poll = Poll::new(Duration::from_secs(5));
+        while poll.next().await {
+            if let Some(p) = self.named_masters().await.into_iter().flatten().next() {
+                return format!("127.0.0.1:{p}");
+            }
+        }
+        self.fail("no sentinel answered get-master-addr-by-name within 5 s")
     }
 
     pub fn initial_master_port(&self) -> u16 {
@@ -414,22 +419,22 @@ impl SentinelTopology {
         self.nodes.iter().map(|n| n.port).collect()
     }
 
-    fn node(&self, port: u16) -> &Node {
-        let node = self.nodes.iter().find(|n| n.port == port);
-        node.unwrap_or_else(|| panic!("no redis node on port {port}"))
+    fn node_index(&self, port: u16) -> usize {
+        let i = self.nodes.iter().position(|n| n.port == port);
+        i.unwrap_or_else(|| panic!("no redis node on port {port}"))
     }
 
-    /// SIGKILL (and reap) the redis-server on `port`; the port becomes free.
+    /// SIGKILL (and reap) the redis-server on `port`; the port is free afterwards.
     pub fn kill_node(&mut self, port: u16) {
-        let node = self.nodes.iter_mut().find(|n| n.port == port);
-        node.unwrap_or_else(|| panic!("no redis node on port {port}"))
-            .kill();
+        let i = self.node_index(port);
+        self.nodes[i].kill();
     }
 
-    /// Starts a killed node again, same port and config file (which Sentinel may have rewritten).
+    /// Starts a (killed) node again: same port, same config file (Sentinel may have rewritten
+    /// it); returns once it answers. Sentinel then turns an old master into a replica.
     pub async fn restart_node(&mut self, port: u16) {
-        let node = self.nodes.iter_mut().find(|n| n.port == port);
-        let node = node.unwrap_or_else(|| panic!("no redis node on port {port}"));
+        let i = self.node_index(port);
+        let node = &mut self.nodes[i];
         node.kill();
         if let Err(e) = node.launch().await {
             panic!("restart of node {port} failed: {e}");
@@ -438,49 +443,39 @@ impl SentinelTopology {
 
     /// SIGSTOP (freeze) the redis-server on `port`.
     pub fn stop_node(&self, port: u16) {
-        self.node(port).signal("-STOP");
+        self.nodes[self.node_index(port)].signal("-STOP");
     }
 
     /// SIGCONT the redis-server on `port`.
     pub fn cont_node(&self, port: u16) {
-        self.node(port).signal("-CONT");
+        self.nodes[self.node_index(port)].signal("-CONT");
     }
 
-    /// Waits until every sentinel names the same master, not `old_port`, and that node reports
-    /// `role:master`; returns its port and the time waited. Panics with the logs on timeout.
+    /// Waits until every live sentinel names the same master, other than `old_port`, and that
+    /// node reports `role:master`; returns its port and the time waited. Panics with the logs'
+    /// tails after `limit`.
     pub async fn wait_for_failover(&self, old_port: u16, limit: Duration) -> (u16, Duration) {
-        let mut new_port = 0;
-        let took = poll_until(limit, async || {
-            let mut named = Vec::new();
-            for s in self.sentinels.iter().filter(|s| s.alive()) {
-                named.push(Self::master_port_from(s.port).await);
-            }
-            let Some(Some(first)) = named.first().copied() else {
-                return false;
+        let mut poll = Poll::new(limit);
+        while poll.next().await {
+            let named = self.named_masters().await;
+            let Some(Some(port)) = named.first().copied() else {
+                continue;
             };
-            if first == old_port || named.iter().any(|p| *p != Some(first)) {
-                return false;
+            if port == old_port || named.iter().any(|p| *p != Some(port)) {
+                continue;
             }
-            new_port = first;
-            let info = redis_cmd::<String>(first, &["INFO", "replication"]).await;
-            info.is_ok_and(|i| info_field(&i, "role").as_deref() == Some("master"))
-        })
-        .await;
-        match took {
-            Some(t) => (new_port, t),
-            None => self.fail(&format!(
-                "no failover away from port {old_port} within {limit:?}"
-            )),
+            if info_field(&info(port, "replication").await, "role") == Some("master") {
+                return (port, poll.elapsed());
+            }
         }
+        self.fail(&format!(
+            "no failover away from port {old_port} within {limit:?}"
+        ))
     }
 
     /// Pids of the live processes: nodes (initial order), then sentinels.
     pub fn pids(&self) -> Vec<u32> {
-        self.nodes
-            .iter()
-            .chain(&self.sentinels)
-            .filter(|n| n.alive())
-            .map(|n| n.pid)
-            .collect()
+        let all = self.nodes.iter().chain(&self.sentinels);
+        all.filter(|n| n.alive()).map(|n| n.pid).collect()
     }
 }
