@@ -341,8 +341,13 @@ impl Ctx {
     }
 
     fn environment(&self) -> Value {
+        let targets: Vec<Value> = self
+            .targets
+            .iter()
+            .map(|t| json!({"url": t.url, "addr": t.addr.to_string()}))
+            .collect();
         json!({
-            "targets": self.targets.iter().map(|t| json!({"url": t.url, "addr": t.addr.to_string()})).collect::<Vec<_>>(),
+            "targets": targets,
             "clk_tck": self.meter.clk_tck,
             "clk_tck_source": self.meter.clk_tck_source,
             "nofile_soft_limit": nofile_soft_limit(),
@@ -465,7 +470,7 @@ async fn run_latency(ctx: &Ctx, a: &LatencyArgs) -> Result<Value> {
 
     let sent = log.steps[STEP_MEASURED].sent.load(Relaxed);
     wait_until(Instant::now() + DRAIN, || {
-        recv.unique_measured.load(Relaxed) >= sent && log.acked_total() >= outcome.sent
+        recv.unique_measured.load(Relaxed) >= sent && log.replied_total() >= outcome.sent
     })
     .await;
     let before = first_snapshot.await.context("CPU snapshot task failed")?;
@@ -496,13 +501,20 @@ async fn run_latency(ctx: &Ctx, a: &LatencyArgs) -> Result<Value> {
         "latency_us": recv.from_scheduled.summary(),
         "latency_from_send_us": recv.from_send.summary(),
         "ack_latency_us": step.ack_latency.summary(),
-        "achieved_rate": round3(sent as f64 / a.duration.as_secs_f64()),
+        "achieved_rate": achieved_rate(sent, window_start, outcome.last_send, a.rate),
         "server_cpu_us_per_delivery": cpu.server_cpu_us.map(|us| per(us, received)),
         "server_cpu_percent": cpu.server_cpu_percent(),
         "bench_cpu_percent": cpu.bench_cpu_percent(),
         "window_s": round3(cpu.wall_s),
         "events": ctx.events.report(),
     }))
+}
+
+/// Measured messages per second actually sent: below `--rate` when the publisher could not
+/// keep up. `n` messages span `n - 1` periods, hence the extra period.
+fn achieved_rate(sent: u64, from: Instant, last_send: Option<Instant>, rate: f64) -> Option<f64> {
+    let span = last_send?.saturating_duration_since(from).as_secs_f64() + 1.0 / rate;
+    (sent > 0).then(|| round3(sent as f64 / span))
 }
 
 /// What the latency subscriber has seen.
@@ -645,8 +657,9 @@ async fn run_fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Value> {
             break;
         }
         let before = ctx.meter.snapshot();
+        let step_start = Instant::now() + Duration::from_millis(5);
         let plan = PacePlan {
-            start: Instant::now() + Duration::from_millis(5),
+            start: step_start,
             rate,
             first_seq,
             count,
@@ -659,13 +672,14 @@ async fn run_fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Value> {
         let expected = outcome.sent * connected as u64;
         let hist = &recv.steps[k];
         wait_until(Instant::now() + DRAIN, || {
-            hist.count() >= expected && log.steps[k].acked.load(Relaxed) >= outcome.sent
+            hist.count() >= expected && log.steps[k].replied.load(Relaxed) >= outcome.sent
         })
         .await;
         let cpu = ctx.meter.window(&before, &ctx.meter.snapshot());
 
         let delivered = hist.count();
         let lat = hist.summary();
+        let ack = log.steps[k].ack_latency.summary();
         let ratio = if expected == 0 {
             0.0
         } else {
@@ -678,6 +692,7 @@ async fn run_fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Value> {
             "step": k,
             "rate": round3(rate),
             "sent": outcome.sent,
+            "achieved_rate": achieved_rate(outcome.sent, step_start, outcome.last_send, rate),
             "acked": log.steps[k].acked.load(Relaxed),
             "rate_limited": log.steps[k].rate_limited.load(Relaxed),
             "expected_deliveries": expected,
@@ -685,7 +700,7 @@ async fn run_fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Value> {
             "delivery_ratio": round3(ratio),
             "deliveries_per_sec": round3(delivered as f64 / cpu.wall_s),
             "latency_us": {"p50": lat.p50, "p99": lat.p99, "max": lat.max},
-            "ack_latency_us": {"p50": log.steps[k].ack_latency.summary().p50, "p99": log.steps[k].ack_latency.summary().p99},
+            "ack_latency_us": {"p50": ack.p50, "p99": ack.p99},
             "server_cpu_us_per_delivery": cpu.server_cpu_us.map(|us| per(us, delivered)),
             "server_cpu_percent": cpu.server_cpu_percent(),
             "bench_cpu_percent": cpu.bench_cpu_percent(),
@@ -978,7 +993,7 @@ async fn run_idle(ctx: &Ctx, a: &IdleArgs) -> Result<Value> {
         "connected": connected,
         "failed": shared.failed.load(Relaxed),
         "connect_s": round3(connect_s),
-        "connect_rate_per_sec": if connect_s > 0.0 { Some(round3(connected as f64 / connect_s)) } else { None },
+        "connect_rate_per_sec": (connect_s > 0.0).then(|| round3(connected as f64 / connect_s)),
         "alive_at_end": alive,
         "closed_during_hold": shared.closed.load(Relaxed),
         "rss_before_kib": before_total,
@@ -987,7 +1002,7 @@ async fn run_idle(ctx: &Ctx, a: &IdleArgs) -> Result<Value> {
         "per_server": per_server,
         "server_cpu_percent_while_idle": cpu.server_cpu_percent(),
         "bench_rss_kib": bench_rss_kib,
-        "bench_rss_per_connection_bytes": bench_rss_kib.filter(|_| connected > 0).map(|k| round3(k as f64 * 1024.0 / connected as f64)),
+        "bench_rss_per_connection_bytes": bench_rss_kib.and_then(|k| per(k as f64 * 1024.0, connected)),
         "bench_cpu_percent_while_idle": cpu.bench_cpu_percent(),
         "fatal": fatal,
         "error_counts": lock(&shared.error_kinds).clone(),
@@ -1559,6 +1574,8 @@ struct PubLog {
 struct PubStep {
     sent: AtomicU64,
     acked: AtomicU64,
+    /// Acks plus errors: every publish gets exactly one reply.
+    replied: AtomicU64,
     rate_limited: AtomicU64,
     ack_latency: Histogram,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -1572,8 +1589,8 @@ impl PubLog {
         }
     }
 
-    fn acked_total(&self) -> u64 {
-        self.steps.iter().map(|s| s.acked.load(Relaxed)).sum()
+    fn replied_total(&self) -> u64 {
+        self.steps.iter().map(|s| s.replied.load(Relaxed)).sum()
     }
 
     fn rate_limited_total(&self) -> u64 {
@@ -1621,6 +1638,7 @@ impl PubLog {
             }
             _ => return false,
         }
+        s.replied.fetch_add(1, Relaxed);
         true
     }
 }
@@ -1669,6 +1687,8 @@ struct PacePlan {
 
 struct PaceOutcome {
     sent: u64,
+    /// When the last frame was written.
+    last_send: Option<Instant>,
     error: Option<String>,
 }
 
@@ -1729,12 +1749,14 @@ impl Publisher {
         deadline: Instant,
     ) -> PaceOutcome {
         let mut sent = 0;
+        let mut last_send = None;
         for i in 0..plan.count {
             let due = plan.start + Duration::from_secs_f64(i as f64 / plan.rate);
             let now = Instant::now();
             if now >= deadline {
                 return PaceOutcome {
                     sent,
+                    last_send,
                     error: Some("reached --max-duration".into()),
                 };
             }
@@ -1759,6 +1781,7 @@ impl Publisher {
             if let Err(e) = handle.block_on(self.sink.send(Message::text(frame))) {
                 return PaceOutcome {
                     sent,
+                    last_send,
                     error: Some(format!("send failed: {e}")),
                 };
             }
@@ -1766,8 +1789,13 @@ impl Publisher {
                 s.sent.fetch_add(1, Relaxed);
             }
             sent += 1;
+            last_send = Some(Instant::now());
         }
-        PaceOutcome { sent, error: None }
+        PaceOutcome {
+            sent,
+            last_send,
+            error: None,
+        }
     }
 }
 
@@ -2173,6 +2201,9 @@ mod tests {
         let spaced = r#"{ "ts" : "x", "type" : "message", "data" : { "pad": "t", "st": 5, "t": 4, "k": 0, "seq": 3 } }"#;
         let d = parse_delivery(spaced).expect("delivery");
         assert_eq!((d.seq, d.step, d.t, d.st), (3, 0, 4, 5));
+        let escaped = r#"{"type":"message","data":{"pad":"\"t\":9","seq":1,"k":0,"t":5,"st":6}}"#;
+        let d = parse_delivery(escaped).expect("delivery");
+        assert_eq!((d.seq, d.step, d.t, d.st), (1, 0, 5, 6));
         assert!(parse_delivery(r#"{"type":"ack","ref":"1.2","data":{"id":"1"}}"#).is_none());
     }
 

@@ -19,7 +19,7 @@ use crate::gateway::{Gateway, session, unavailable_message};
 use crate::protocol::{close, is_object, now_ms, valid_room};
 
 /// Bytes the server reads per socket read; small, so idle connections stay small.
-const WS_READ_BUFFER: usize = 1024;
+const WS_READ_BUFFER: usize = 256;
 /// Frames are written once this much is buffered, or when the send queue is drained.
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 

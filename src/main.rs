@@ -192,6 +192,10 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             drained.cancel();
         }
     };
+    // Frames are small and latency-bound: never hold them back for coalescing (Nagle).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, rtgate::http::router(gw.clone()))
         .with_graceful_shutdown(shutdown)
         .await

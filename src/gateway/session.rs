@@ -178,7 +178,9 @@ impl Connection {
             };
             self.gw.touch(&self.session);
             match msg {
-                Message::Text(text) => self.on_text(&text).await,
+                // Boxed: the handler futures are large and live only while a request runs,
+                // so an idle connection's task stays small.
+                Message::Text(text) => Box::pin(self.on_text(&text)).await,
                 Message::Binary(_) => {
                     self.violation(ErrorCode::BadRequest, "binary frames are not supported")
                 }
