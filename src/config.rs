@@ -24,6 +24,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub heartbeat: HeartbeatConfig,
     pub redis: RedisConfig,
+    pub kafka: KafkaConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +139,7 @@ impl Default for RoomsConfig {
 pub enum BrokerKind {
     Memory,
     Redis,
+    Kafka,
 }
 
 impl BrokerKind {
@@ -145,6 +147,7 @@ impl BrokerKind {
         match self {
             BrokerKind::Memory => "memory",
             BrokerKind::Redis => "redis",
+            BrokerKind::Kafka => "kafka",
         }
     }
 }
@@ -251,6 +254,47 @@ impl Default for RedisConfig {
             wait_timeout: Duration::from_millis(500),
             command_timeout: Duration::from_secs(1),
         }
+    }
+}
+
+/// The Kafka broker. Presence and heartbeats use `[redis]` when it is configured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port`.
+    pub brokers: Vec<String>,
+    pub client_id: String,
+    /// Partitions of a room topic created by rtgate (1 keeps a room totally ordered).
+    pub topic_partitions: i32,
+    pub replication_factor: i32,
+    /// `retention.ms` of the topics rtgate creates.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How long a publish may wait for Kafka before it is refused as `unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Passed to librdkafka as they are (SASL, TLS, tuning); they win over rtgate's settings.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: vec!["127.0.0.1:9092".to_string()],
+            client_id: "rtgate".to_string(),
+            topic_partitions: 1,
+            replication_factor: 1,
+            retention: Duration::from_secs(24 * 3600),
+            publish_timeout: Duration::from_secs(5),
+            properties: Default::default(),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Whether a Redis is configured at all (Kafka uses it for presence and heartbeats).
+    pub fn is_configured(&self) -> bool {
+        !self.url.is_empty() || !self.sentinels.is_empty()
     }
 }
 
@@ -405,6 +449,20 @@ impl Config {
                 return Err(bad("redis.stream_maxlen", "must be at least 1"));
             }
         }
+        if self.broker.kind == BrokerKind::Kafka {
+            if self.kafka.brokers.is_empty() {
+                return Err(bad(
+                    "kafka.brokers",
+                    "broker.kind = \"kafka\" needs at least one broker",
+                ));
+            }
+            if self.kafka.topic_partitions < 1 {
+                return Err(bad("kafka.topic_partitions", "must be at least 1"));
+            }
+            if self.kafka.replication_factor < 1 {
+                return Err(bad("kafka.replication_factor", "must be at least 1"));
+            }
+        }
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 8 {
             return Err(bad("auth.jwt_secret", "must be at least 8 bytes"));
         }
@@ -429,6 +487,11 @@ impl Config {
         ] {
             if !secret.is_empty() {
                 *secret = REDACTED.to_string();
+            }
+        }
+        for (key, value) in shown.kafka.properties.iter_mut() {
+            if key.contains("password") || key.contains("secret") || key.contains("key") {
+                *value = REDACTED.to_string();
             }
         }
         if let Some(at) = shown.redis.url.find('@') {

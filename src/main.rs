@@ -11,7 +11,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use rtgate::auth::Authenticator;
-use rtgate::broker::{Broker, MemoryBroker, RedisBroker};
+use rtgate::broker::{Broker, KafkaBroker, MemoryBroker, RedisBroker};
 use rtgate::config::{BrokerKind, Config};
 use rtgate::gateway::{Gateway, Hub};
 
@@ -142,6 +142,28 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             hub.instance_id().clone(),
             hub.clone(),
         )),
+        BrokerKind::Kafka => {
+            // Presence and heartbeats: Redis when configured, else this process only.
+            let side: Arc<dyn Broker> = if config.redis.is_configured() {
+                Arc::new(RedisBroker::start(
+                    config.redis.clone(),
+                    config.heartbeat.ttl,
+                    hub.instance_id().clone(),
+                    hub.clone(),
+                ))
+            } else {
+                Arc::new(MemoryBroker::new(hub.clone(), 1))
+            };
+            Arc::new(
+                KafkaBroker::start(
+                    config.kafka.clone(),
+                    hub.instance_id().clone(),
+                    hub.clone(),
+                    side,
+                )
+                .context("cannot create the Kafka clients")?,
+            )
+        }
     };
     let auth = Authenticator::new(
         config.auth.jwt_secret.as_bytes(),

@@ -432,3 +432,78 @@ mod redis {
         super::trimmed_history_is_a_gap(&a, HISTORY as usize).await;
     }
 }
+
+mod kafka {
+    use super::*;
+    use crate::common::kafka::{KafkaServer, require_kafka};
+    use crate::common::redis::{RedisServer, require_redis};
+    use rtgate::broker::{KafkaBroker, RedisBroker};
+    use rtgate::config::{KafkaConfig, RedisConfig};
+
+    /// Two instances on one Kafka; presence and heartbeats through one Redis, as configured in
+    /// production.
+    async fn pair(kafka: &KafkaServer, redis: &RedisServer) -> (Instance, Instance) {
+        let make = |id: &str| {
+            let sink = Arc::new(Recording::default());
+            let side: Arc<dyn Broker> = Arc::new(RedisBroker::start(
+                RedisConfig {
+                    url: redis.url(),
+                    ..RedisConfig::default()
+                },
+                Duration::from_secs(15),
+                id.into(),
+                sink.clone(),
+            ));
+            let cfg = KafkaConfig {
+                brokers: vec![kafka.addr()],
+                // The test broker mis-reports the high watermark for multi-record batches.
+                properties: [("batch.num.messages".to_string(), "1".to_string())].into(),
+                ..KafkaConfig::default()
+            };
+            let broker: Arc<dyn Broker> =
+                Arc::new(KafkaBroker::start(cfg, id.into(), sink.clone(), side).unwrap());
+            Instance { broker, sink }
+        };
+        let (a, b) = (make("kconf-a"), make("kconf-b"));
+        for inst in [&a, &b] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !inst.broker.is_ready() {
+                assert!(std::time::Instant::now() < deadline, "broker never ready");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        (a, b)
+    }
+
+    macro_rules! kafka_case {
+        ($name:ident, |$a:ident, $b:ident| $body:expr) => {
+            #[tokio::test]
+            async fn $name() {
+                if !require_kafka() || !require_redis() {
+                    return;
+                }
+                let kafka = KafkaServer::start().await;
+                let redis = RedisServer::start_standalone().await;
+                let ($a, $b) = pair(&kafka, &redis).await;
+                let _ = &$b;
+                $body.await;
+            }
+        };
+    }
+
+    kafka_case!(publish_reaches_subscribers_in_order_once, |a, b| {
+        super::publish_reaches_subscribers_in_order_once(&a, &b)
+    });
+    kafka_case!(unsubscribed_rooms_are_not_delivered, |a, b| {
+        super::unsubscribed_rooms_are_not_delivered(&a, &b)
+    });
+    kafka_case!(history_replays_after_an_id, |a, b| {
+        super::history_replays_after_an_id(&a, &b)
+    });
+    kafka_case!(presence_is_shared_and_diffed, |a, b| {
+        super::presence_is_shared_and_diffed(&a, &b)
+    });
+    kafka_case!(heartbeats_list_instances, |a, b| {
+        super::heartbeats_list_instances(&a)
+    });
+}

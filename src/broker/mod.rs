@@ -5,8 +5,10 @@
 //! for every message of a room this instance subscribed. Implementations of `Deliver` must not
 //! block: the gateway only queues frames there.
 
+pub mod kafka;
 pub mod memory;
 pub mod redis;
+pub mod wire;
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,6 +18,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+pub use kafka::KafkaBroker;
 pub use memory::MemoryBroker;
 pub use redis::RedisBroker;
 

