@@ -13,8 +13,9 @@ static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the log subscriber (stderr) and the metrics recorder.
 pub fn init(config: &TelemetryConfig) -> anyhow::Result<()> {
+    // rust-rdkafka warns on every failed poll while Kafka is away; the broker logs the outage once.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log_level))
+        .or_else(|_| EnvFilter::try_new(format!("rdkafka=error,{}", config.log_level)))
         .map_err(|e| anyhow::anyhow!("telemetry.log_level: {e}"))?;
     let registry = tracing_subscriber::registry().with(filter);
     match config.log_format {

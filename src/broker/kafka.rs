@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -51,6 +50,27 @@ pub fn room_topic(room: &str) -> String {
     topic
 }
 
+/// librdkafka reports every failed reconnect as an error; availability is tracked (and logged
+/// once per change) by the health watcher, so these go to debug.
+#[derive(Clone, Default)]
+pub struct QuietContext;
+
+impl rdkafka::ClientContext for QuietContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical => tracing::error!(fac, "librdkafka: {log_message}"),
+            _ => tracing::debug!(fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka error");
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietContext {}
+
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -58,13 +78,17 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 enum Command {
     Subscribe(RoomName, oneshot::Sender<Result<(), BrokerError>>),
     Unsubscribe(RoomName),
+    /// Kafka is back after an outage: find partitions that started over.
+    Resync,
 }
 
 struct Shared {
     cfg: KafkaConfig,
     sink: Arc<dyn Deliver>,
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    /// Replaced when Kafka comes back: an idempotent producer whose broker lost its state
+    /// stays stuck on the old producer id.
+    producer: Mutex<FutureProducer<QuietContext>>,
+    admin: AdminClient<QuietContext>,
     /// Settings every consumer of this instance starts from.
     consumer_config: ClientConfig,
     /// Topics known to exist (created or seen).
@@ -78,7 +102,7 @@ pub struct KafkaBroker {
     /// Presence, heartbeats, and the room subscriptions that carry presence diffs.
     side: Arc<dyn Broker>,
     /// Serializes `since` replays on one reader.
-    history: tokio::sync::Mutex<Option<BaseConsumer>>,
+    history: tokio::sync::Mutex<Option<BaseConsumer<QuietContext>>>,
 }
 
 fn base_config(cfg: &KafkaConfig) -> ClientConfig {
@@ -104,22 +128,9 @@ impl KafkaBroker {
         sink: Arc<dyn Deliver>,
         side: Arc<dyn Broker>,
     ) -> Result<Self, KafkaError> {
-        let timeout_ms = cfg.publish_timeout.as_millis().to_string();
-        let producer: FutureProducer = with_properties(
-            {
-                let mut c = base_config(&cfg);
-                c.set("enable.idempotence", "true")
-                    .set("acks", "all")
-                    // Latency over batching: a message leaves at once.
-                    .set("linger.ms", "0")
-                    .set("message.timeout.ms", &timeout_ms);
-                c
-            },
-            &cfg,
-        )
-        .create()?;
-        let admin: AdminClient<DefaultClientContext> =
-            with_properties(base_config(&cfg), &cfg).create()?;
+        let producer = create_producer(&cfg)?;
+        let admin: AdminClient<QuietContext> =
+            with_properties(base_config(&cfg), &cfg).create_with_context(QuietContext)?;
         let consumer_config = with_properties(
             {
                 let mut c = base_config(&cfg);
@@ -127,6 +138,9 @@ impl KafkaBroker {
                 c.set("group.id", format!("rtgate-{instance_id}"))
                     .set("enable.auto.commit", "false")
                     .set("enable.auto.offset.store", "false")
+                    // A position the log no longer has (retention, a broker that lost its
+                    // data): deliver what the log has rather than skip to its end.
+                    .set("auto.offset.reset", "earliest")
                     .set("fetch.wait.max.ms", "10")
                     .set("fetch.min.bytes", "1")
                     .set("fetch.error.backoff.ms", "50")
@@ -139,21 +153,38 @@ impl KafkaBroker {
         let shared = Arc::new(Shared {
             cfg,
             sink,
-            producer,
             admin,
             consumer_config,
+            producer: Mutex::new(producer),
             topics: Mutex::default(),
             ready: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(consume(shared.clone(), rx));
-        tokio::spawn(watch_health(shared.clone()));
+        tokio::spawn(watch_health(shared.clone(), tx.clone()));
         Ok(Self {
             shared,
             commands: tx,
             side,
             history: tokio::sync::Mutex::new(None),
         })
+    }
+}
+
+fn create_producer(cfg: &KafkaConfig) -> Result<FutureProducer<QuietContext>, KafkaError> {
+    let timeout_ms = cfg.publish_timeout.as_millis().to_string();
+    let mut c = base_config(cfg);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        // Latency over batching: a message leaves at once.
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", &timeout_ms);
+    with_properties(c, cfg).create_with_context(QuietContext)
+}
+
+impl Shared {
+    fn producer(&self) -> FutureProducer<QuietContext> {
+        self.producer.lock().unwrap().clone()
     }
 }
 
@@ -201,7 +232,9 @@ async fn watermarks(
     timeout: Duration,
 ) -> Result<(i64, i64), BrokerError> {
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = consumer_config.create().map_err(unavailable)?;
+        let consumer: BaseConsumer<QuietContext> = consumer_config
+            .create_with_context(QuietContext)
+            .map_err(unavailable)?;
         consumer
             .fetch_watermarks(&topic, 0, timeout)
             .map_err(unavailable)
@@ -246,16 +279,13 @@ impl Broker for KafkaBroker {
                 value: Some(tp.as_bytes()),
             }));
         }
-        let delivery = self
+        let (partition, offset) = self
             .shared
-            .producer
+            .producer()
             .send(record, self.shared.cfg.publish_timeout)
             .await
             .map_err(|(e, _)| unavailable(e))?;
-        Ok(MessageId::new(
-            delivery.partition as u64,
-            delivery.offset as u64,
-        ))
+        Ok(MessageId::new(partition as u64, offset as u64))
     }
 
     fn subscribe(&self, room: &RoomName) -> Subscribed {
@@ -301,7 +331,7 @@ impl Broker for KafkaBroker {
             None => self
                 .shared
                 .consumer_config
-                .create::<BaseConsumer>()
+                .create_with_context::<_, BaseConsumer<QuietContext>>(QuietContext)
                 .map_err(unavailable)?,
         };
         let timeout = self.shared.cfg.publish_timeout;
@@ -339,7 +369,7 @@ impl Broker for KafkaBroker {
         })
         .map_err(|e| BrokerError::Other(e.to_string()))?;
         self.shared
-            .producer
+            .producer()
             .send(
                 FutureRecord::to(DIRECT_TOPIC)
                     .key(msg.to.as_bytes())
@@ -383,7 +413,7 @@ impl Broker for KafkaBroker {
 /// retention removed some of them or `limit` cut them.
 #[allow(clippy::type_complexity)]
 fn read_history(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<QuietContext>,
     topic: &str,
     after: MessageId,
     limit: usize,
@@ -431,25 +461,40 @@ fn read_history(
 }
 
 /// Marks the broker ready while Kafka answers metadata requests.
-async fn watch_health(shared: Arc<Shared>) {
+async fn watch_health(shared: Arc<Shared>, commands: mpsc::UnboundedSender<Command>) {
+    let probe: Arc<BaseConsumer<QuietContext>> =
+        match shared.consumer_config.create_with_context(QuietContext) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the Kafka health probe");
+                return;
+            }
+        };
+    let mut was_down = false;
     loop {
-        let client_config = shared.consumer_config.clone();
+        let client = probe.clone();
         let ok = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = match client_config.create() {
-                Ok(c) => c,
-                Err(_) => return false,
-            };
-            consumer
-                .fetch_metadata(Some(DIRECT_TOPIC), Duration::from_secs(1))
-                .is_ok()
+            client.fetch_metadata(None, Duration::from_secs(1)).is_ok()
         })
         .await
         .unwrap_or(false);
         let was = shared.ready.swap(ok, Ordering::SeqCst);
         if was != ok {
             if ok {
+                // Topics may have to be created again (a broker that lost its data), and
+                // the producer starts over with a new producer id.
+                shared.topics.lock().unwrap().clear();
+                if was_down {
+                    match create_producer(&shared.cfg) {
+                        Ok(p) => *shared.producer.lock().unwrap() = p,
+                        Err(e) => tracing::warn!(error = %e, "cannot recreate the producer"),
+                    }
+                    let _ = commands.send(Command::Resync);
+                }
+                was_down = false;
                 tracing::info!("Kafka reachable");
             } else {
+                was_down = true;
                 tracing::warn!("Kafka unreachable");
                 crate::telemetry::metric::broker_reconnect();
             }
@@ -463,13 +508,14 @@ async fn watch_health(shared: Arc<Shared>) {
 
 /// The consumer task: owns the assignment and delivers what it reads.
 async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let consumer: StreamConsumer = match shared.consumer_config.create() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot create the Kafka consumer");
-            return;
-        }
-    };
+    let consumer: StreamConsumer<QuietContext> =
+        match shared.consumer_config.create_with_context(QuietContext) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the Kafka consumer");
+                return;
+            }
+        };
     // Topic -> (room, next offset to deliver). The direct topic has no room.
     let mut positions: HashMap<String, (Option<RoomName>, i64)> = HashMap::new();
     let timeout = shared.cfg.publish_timeout;
@@ -518,11 +564,30 @@ async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
                         assign(&consumer, &positions);
                     }
                 }
+                Some(Command::Resync) => {
+                    // A partition whose end is below our position (or that is gone) started
+                    // over on a broker that lost its data: read it again from its start.
+                    let mut changed = false;
+                    for (topic, (_, next)) in positions.iter_mut() {
+                        let restarted = match watermarks(shared.consumer_config.clone(), topic.clone(), timeout).await {
+                            Ok((_, high)) => high < *next,
+                            Err(_) => true,
+                        };
+                        if restarted && *next > 0 {
+                            tracing::warn!(topic, from = *next, "partition started over; reading it from its start");
+                            *next = 0;
+                            changed = true;
+                        }
+                    }
+                    if changed {
+                        assign(&consumer, &positions);
+                    }
+                }
             },
             received = consumer.recv() => match received {
                 Ok(m) => {
                     let Some((room, next)) = positions.get_mut(m.topic()) else { continue };
-                    // Ids only grow per partition: anything below the position was delivered.
+                    // Ids only grow per partition: below the position is a duplicate.
                     if m.offset() < *next {
                         continue;
                     }
@@ -542,7 +607,10 @@ async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
 }
 
 /// Assigns every wanted partition at its next offset (positions survive reassignment).
-fn assign(consumer: &StreamConsumer, positions: &HashMap<String, (Option<RoomName>, i64)>) {
+fn assign(
+    consumer: &StreamConsumer<QuietContext>,
+    positions: &HashMap<String, (Option<RoomName>, i64)>,
+) {
     let mut tpl = TopicPartitionList::new();
     for (topic, (_, next)) in positions {
         if let Err(e) = tpl.add_partition_offset(topic, 0, Offset::Offset(*next)) {
