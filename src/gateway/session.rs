@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{self, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesOrdered, SplitSink};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -23,6 +24,20 @@ use crate::telemetry::metric;
 
 /// How long the reader waits for the client's close reply after the server closed.
 const CLOSE_HANDSHAKE_WAIT: Duration = Duration::from_secs(2);
+/// Publishes of one connection that may wait for the broker at once. They are sent to the
+/// broker in request order and answered in request order; a broker with a millisecond of
+/// latency still takes thousands of messages per second from one client.
+const MAX_PIPELINED: usize = 64;
+
+/// A publish on its way: its `ref`, its room, and the reply data or refusal.
+type PendingPublish = BoxFuture<
+    'static,
+    (
+        Option<Box<RawValue>>,
+        Option<String>,
+        Result<String, Refusal>,
+    ),
+>;
 
 /// Accepts the socket only to close it: a failed authentication creates no state.
 pub async fn reject(mut socket: WebSocket, code: u16, reason: String) {
@@ -119,6 +134,8 @@ struct Connection {
     violations: u32,
     /// Requests refused by the rate limit since the last accepted one.
     refused_in_a_row: u32,
+    /// Publishes waiting for the broker; allocated on the first publish.
+    publishes: Option<FuturesOrdered<PendingPublish>>,
 }
 
 /// A request failed: the error frame to send.
@@ -151,17 +168,27 @@ impl Connection {
             limiter: RateLimiter::direct(quota),
             violations: 0,
             refused_in_a_row: 0,
+            publishes: None,
         }
     }
 
     async fn read_loop(&mut self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
         loop {
+            let may_read = self
+                .publishes
+                .as_ref()
+                .is_none_or(|p| p.len() < MAX_PIPELINED);
+            let session = &self.session;
             let next = tokio::select! {
+                done = next_published(&mut self.publishes) => {
+                    self.answer_publish(done);
+                    continue;
+                }
                 next = async {
-                    self.session.queue.wait_for_room().await;
+                    session.queue.wait_for_room().await;
                     stream.next().await
-                } => next,
-                _ = self.session.closing.notified() => break,
+                }, if may_read => next,
+                _ = session.closing.notified() => break,
             };
             let msg = match next {
                 Some(Ok(msg)) => msg,
@@ -292,6 +319,11 @@ impl Connection {
             return;
         };
         metric::message_in(kind.as_str());
+        if kind == RequestKind::Message {
+            self.start_publish(&frame);
+            return;
+        }
+        self.finish_publishes().await;
         let room = frame.room.clone();
         let reply = match kind {
             RequestKind::Ping => {
@@ -306,7 +338,7 @@ impl Connection {
             }
             RequestKind::Join => self.join(&frame).await,
             RequestKind::Leave => self.leave(&frame).await,
-            RequestKind::Message => self.publish(&frame).await,
+            RequestKind::Message => unreachable!("publishes are pipelined above"),
             RequestKind::Direct => self.direct(&frame).await,
             RequestKind::Track => self.track(&frame).await,
             RequestKind::Untrack => self.untrack(&frame).await,
@@ -463,27 +495,72 @@ impl Connection {
         }
     }
 
-    async fn publish(&mut self, frame: &ClientFrame<'_>) -> Reply {
-        let room = self.room_of(frame)?;
-        let data = Self::payload(frame)?;
-        let msg = RoomMessage {
-            room,
-            kind: MessageKind::Message,
-            data,
-            sender_id: Some(self.session.identity.user_id.clone()),
-            ts_ms: now_ms(),
-            origin: Some(self.origin()),
-            traceparent: None,
-        };
-        let started = std::time::Instant::now();
-        let id = self
-            .gw
-            .broker
-            .publish(msg)
-            .await
-            .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
-        metric::publish_latency(started.elapsed());
-        Ok(Some(format!(r#"{{"id":"{id}"}}"#)))
+    /// Starts a publish; its reply goes out when the broker answers, in request order.
+    fn start_publish(&mut self, frame: &ClientFrame<'_>) {
+        let reference = frame.reference.map(RawValue::to_owned);
+        let room_name = frame.room.clone();
+        let msg = self.room_of(frame).and_then(|room| {
+            Ok(RoomMessage {
+                room,
+                kind: MessageKind::Message,
+                data: Self::payload(frame)?,
+                sender_id: Some(self.session.identity.user_id.clone()),
+                ts_ms: now_ms(),
+                origin: Some(self.origin()),
+                traceparent: None,
+            })
+        });
+        let broker = self.gw.broker.clone();
+        let pending = async move {
+            let result = match msg {
+                Err(refusal) => Err(refusal),
+                Ok(msg) => {
+                    let started = std::time::Instant::now();
+                    let published = broker.publish(msg).await;
+                    metric::publish_latency(started.elapsed());
+                    published
+                        .map(|id| format!(r#"{{"id":"{id}"}}"#))
+                        .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))
+                }
+            };
+            (reference, room_name, result)
+        }
+        .boxed();
+        self.publishes
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(pending);
+    }
+
+    fn answer_publish(
+        &mut self,
+        (reference, room, result): (
+            Option<Box<RawValue>>,
+            Option<String>,
+            Result<String, Refusal>,
+        ),
+    ) {
+        let reference = reference.as_deref();
+        match result {
+            Ok(data) => {
+                if reference.is_some() {
+                    let data = RawValue::from_string(data).expect("reply data is JSON");
+                    self.send(ack_frame(room.as_deref(), &*data, reference));
+                }
+            }
+            Err(r) => self.send(error_frame(r.code, &r.message, room.as_deref(), reference)),
+        }
+        if self.publishes.as_ref().is_some_and(|p| p.is_empty()) {
+            // Give back the queue's memory while the connection is quiet.
+            self.publishes = None;
+        }
+    }
+
+    /// Answers every publish still waiting, so other requests are answered after them.
+    async fn finish_publishes(&mut self) {
+        while self.publishes.as_ref().is_some_and(|p| !p.is_empty()) {
+            let done = next_published(&mut self.publishes).await;
+            self.answer_publish(done);
+        }
     }
 
     async fn direct(&mut self, frame: &ClientFrame<'_>) -> Reply {
@@ -549,6 +626,23 @@ impl Connection {
             .await
             .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
         Ok(Some("{}".into()))
+    }
+}
+
+/// The next publish answered by the broker, in request order; never resolves when none waits.
+async fn next_published(
+    publishes: &mut Option<FuturesOrdered<PendingPublish>>,
+) -> (
+    Option<Box<RawValue>>,
+    Option<String>,
+    Result<String, Refusal>,
+) {
+    match publishes {
+        Some(p) if !p.is_empty() => match p.next().await {
+            Some(done) => done,
+            None => std::future::pending().await,
+        },
+        _ => std::future::pending().await,
     }
 }
 
