@@ -249,3 +249,74 @@ async fn broker_restart_keeps_clients_and_delivery_resumes() {
     sub.assert_alive().await;
     assert_eq!(a.get("/readyz").await.0, 200);
 }
+
+#[tokio::test]
+async fn a_frozen_broker_loses_no_acked_message() {
+    if !require_kafka() {
+        return;
+    }
+    let kafka = KafkaServer::start().await;
+    let cfg = kafka_toml(&kafka, None);
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let room = "public:freeze";
+    let mut sub = user_on(&b, "s").await;
+    sub.join(room).await;
+    let publisher = user_on(&a, "p").await;
+
+    // A publisher sends numbered messages with `ref` every 20 ms for 8 s; the broker is
+    // frozen (SIGSTOP) for 2 s in the middle, then resumed.
+    let pubs = tokio::spawn(async move {
+        let mut publisher = publisher;
+        let mut acked = Vec::new();
+        let started = Instant::now();
+        let mut seq = 0u64;
+        while started.elapsed() < Duration::from_secs(8) && seq < 1000 {
+            seq += 1;
+            let reply = publisher
+                .request(json!({"type": "message", "room": room, "data": {"seq": seq}}))
+                .await;
+            if reply["type"] == "ack" {
+                acked.push((seq, reply["data"]["id"].as_str().unwrap().to_string()));
+            } else {
+                assert_eq!(reply["data"]["code"], "unavailable", "{reply}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        publisher.assert_alive().await;
+        acked
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kafka.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kafka.signal("CONT");
+    let acked = pubs.await.expect("publisher");
+    let frames = sub.collect_for(Duration::from_secs(3)).await;
+    sub.assert_alive().await;
+    let got: Vec<(u64, String)> = messages_in(&frames, room)
+        .iter()
+        .map(|m| {
+            (
+                m["data"]["seq"].as_u64().unwrap(),
+                m["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        acked.len() > 100,
+        "publishing went on: {} acked",
+        acked.len()
+    );
+    for (seq, id) in &acked {
+        let copies = got.iter().filter(|(_, g)| g == id).count();
+        assert_eq!(
+            copies, 1,
+            "acked message {seq} ({id}) delivered {copies} times"
+        );
+    }
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {seqs:?}"
+    );
+}

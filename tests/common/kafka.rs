@@ -106,6 +106,15 @@ impl KafkaServer {
         );
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT") to the broker.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            let _ = std::process::Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status();
+        }
+    }
+
     /// SIGKILL.
     pub async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
