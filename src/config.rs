@@ -311,6 +311,22 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// `tracing` filter directive, e.g. `info` or `rtgate=debug,info`; `RUST_LOG` overrides it.
     pub log_level: String,
+    /// OTLP collector, e.g. `http://127.0.0.1:4317`. Empty: `OTEL_EXPORTER_OTLP_ENDPOINT`, and
+    /// tracing is off when neither is set.
+    pub otlp_endpoint: String,
+    /// `grpc` or `http` (HTTP/protobuf); `OTEL_EXPORTER_OTLP_PROTOCOL` overrides it.
+    pub otlp_protocol: OtlpProtocol,
+    /// Share of new traces kept, decided once by the publisher (`OTEL_TRACES_SAMPLER` overrides).
+    pub sample_ratio: f64,
+    /// Spans waiting for export; beyond it spans are dropped (and counted), never queued.
+    pub span_queue_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    Grpc,
+    Http,
 }
 
 impl Default for TelemetryConfig {
@@ -318,6 +334,10 @@ impl Default for TelemetryConfig {
         Self {
             log_format: LogFormat::Text,
             log_level: "info".to_string(),
+            otlp_endpoint: String::new(),
+            otlp_protocol: OtlpProtocol::Grpc,
+            sample_ratio: 1.0,
+            span_queue_size: 4096,
         }
     }
 }
@@ -462,6 +482,12 @@ impl Config {
             if self.kafka.replication_factor < 1 {
                 return Err(bad("kafka.replication_factor", "must be at least 1"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return Err(bad("telemetry.sample_ratio", "must be between 0 and 1"));
+        }
+        if self.telemetry.span_queue_size == 0 {
+            return Err(bad("telemetry.span_queue_size", "must be at least 1"));
         }
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 8 {
             return Err(bad("auth.jwt_secret", "must be at least 8 bytes"));

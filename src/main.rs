@@ -114,7 +114,10 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 }
 
 async fn serve(mut config: Config) -> anyhow::Result<()> {
-    rtgate::telemetry::init(&config.telemetry)?;
+    if config.server.instance_id.is_empty() {
+        config.server.instance_id = format!("rtg-{:08x}", rand::rng().random::<u32>());
+    }
+    let _telemetry = rtgate::telemetry::init(&config.telemetry, &config.server.instance_id)?;
     let dev_secret = config.auth.jwt_secret.is_empty();
     if dev_secret {
         let bytes: [u8; 24] = rand::rng().random();
@@ -123,9 +126,6 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             "auth.jwt_secret is not set: using an ephemeral secret, for development only"
         );
     }
-    if config.server.instance_id.is_empty() {
-        config.server.instance_id = format!("rtg-{:08x}", rand::rng().random::<u32>());
-    }
     let config = Arc::new(config);
 
     let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -133,7 +133,10 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let local = listener.local_addr()?;
 
-    let hub = Arc::new(Hub::new(config.server.instance_id.as_str().into()));
+    let hub = Arc::new(Hub::new(
+        config.server.instance_id.as_str().into(),
+        config.broker.kind.as_str(),
+    ));
     let broker: Arc<dyn Broker> = match config.broker.kind {
         BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone(), config.broker.history_size)),
         BrokerKind::Redis => Arc::new(RedisBroker::start(

@@ -1,6 +1,7 @@
-//! Logging and Prometheus metrics.
+//! Logging, Prometheus metrics and OpenTelemetry traces.
 
 use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -11,18 +12,40 @@ use crate::config::{LogFormat, TelemetryConfig};
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the log subscriber (stderr) and the metrics recorder.
-pub fn init(config: &TelemetryConfig) -> anyhow::Result<()> {
+/// Flushes pending spans when the process ends.
+pub struct TelemetryGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("rtgate: span export shutdown: {e}");
+        }
+    }
+}
+
+/// Installs the log subscriber (stderr), the metrics recorder and, when an OTLP endpoint is
+/// configured, the trace exporter. Call inside the tokio runtime.
+pub fn init(config: &TelemetryConfig, instance_id: &str) -> anyhow::Result<TelemetryGuard> {
     // rust-rdkafka warns on every failed poll while Kafka is away; the broker logs the outage once.
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(format!("rdkafka=error,{}", config.log_level)))
         .map_err(|e| anyhow::anyhow!("telemetry.log_level: {e}"))?;
-    let registry = tracing_subscriber::registry().with(filter);
+    let provider = trace::provider(config, instance_id)?;
+    let otel = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("rtgate"))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     match config.log_format {
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
+                    .with_current_span(true)
                     .with_writer(std::io::stderr),
             )
             .try_init()?,
@@ -31,7 +54,8 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<()> {
             .try_init()?,
     }
     install_metrics();
-    Ok(())
+    trace::ENABLED.store(provider.is_some(), Ordering::Relaxed);
+    Ok(TelemetryGuard { provider })
 }
 
 /// Installs the Prometheus recorder once per process.
@@ -97,6 +121,28 @@ pub mod metric {
             "rtgate_broker_reconnects_total",
             "Times the broker connection was lost and rebuilt (failovers included)"
         );
+        describe_counter!(
+            "rtgate_bytes_in_total",
+            "Bytes of client text frames received"
+        );
+        describe_counter!(
+            "rtgate_bytes_out_total",
+            "Bytes of delivery frames queued to local clients"
+        );
+        describe_histogram!(
+            "rtgate_delivery_latency_seconds",
+            "From the publish timestamp in the message to the local fan-out, on every delivering instance"
+        );
+        describe_gauge!("rtgate_broker_ready", "1 while the broker takes writes");
+        describe_gauge!(
+            "rtgate_heartbeat_age_seconds",
+            "Seconds since this instance's last successful heartbeat"
+        );
+        describe_gauge!("rtgate_draining", "1 while the instance shuts down");
+        describe_counter!(
+            "rtgate_span_export_dropped_total",
+            "Trace spans dropped because the export queue was full"
+        );
         describe_histogram!(
             "rtgate_broker_publish_seconds",
             "Time for the broker to store and fan out a publish"
@@ -139,6 +185,37 @@ pub mod metric {
         counter!("rtgate_broker_reconnects_total").increment(1);
     }
 
+    pub fn span_dropped() {
+        counter!("rtgate_span_export_dropped_total").increment(1);
+    }
+
+    pub fn bytes_in(n: usize) {
+        counter!("rtgate_bytes_in_total").increment(n as u64);
+    }
+
+    pub fn bytes_out(n: u64) {
+        counter!("rtgate_bytes_out_total").increment(n);
+    }
+
+    /// From the publish timestamp carried in the message to the local fan-out.
+    pub fn delivery_latency(publish_ts_ms: u64) {
+        let now = crate::protocol::now_ms();
+        histogram!("rtgate_delivery_latency_seconds")
+            .record(now.saturating_sub(publish_ts_ms) as f64 / 1000.0);
+    }
+
+    pub fn broker_ready(ready: bool) {
+        gauge!("rtgate_broker_ready").set(if ready { 1.0 } else { 0.0 });
+    }
+
+    pub fn heartbeat_age(age: Duration) {
+        gauge!("rtgate_heartbeat_age_seconds").set(age.as_secs_f64());
+    }
+
+    pub fn draining() {
+        gauge!("rtgate_draining").set(1.0);
+    }
+
     pub fn publish_latency(elapsed: Duration) {
         histogram!("rtgate_broker_publish_seconds").record(elapsed.as_secs_f64());
     }
@@ -148,5 +225,234 @@ pub mod metric {
         if let Some(h) = super::PROMETHEUS.get() {
             h.run_upkeep();
         }
+    }
+}
+
+/// Traces: one per message, from the publishing instance through the broker to every delivering
+/// instance (OpenTelemetry messaging conventions).
+pub mod trace {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::{Context, KeyValue};
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    use opentelemetry_sdk::Resource;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::{
+        BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
+    };
+    use tracing::Span as TracingSpan;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::metric;
+    use crate::config::{OtlpProtocol, TelemetryConfig};
+
+    /// Spans are only built when an exporter is installed: no cost on the hot path otherwise.
+    pub(super) static ENABLED: AtomicBool = AtomicBool::new(false);
+
+    pub fn enabled() -> bool {
+        ENABLED.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn provider(
+        config: &TelemetryConfig,
+        instance_id: &str,
+    ) -> anyhow::Result<Option<SdkTracerProvider>> {
+        let env_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
+        if config.otlp_endpoint.is_empty() && env_endpoint.is_empty() {
+            return Ok(None);
+        }
+        let protocol = match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
+            Ok("grpc") => OtlpProtocol::Grpc,
+            Ok("http/protobuf") => OtlpProtocol::Http,
+            _ => config.otlp_protocol,
+        };
+        let timeout = Duration::from_secs(3);
+        let exporter = match protocol {
+            OtlpProtocol::Grpc => {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_timeout(timeout);
+                if !config.otlp_endpoint.is_empty() {
+                    b = b.with_endpoint(&config.otlp_endpoint);
+                }
+                b.build()?
+            }
+            OtlpProtocol::Http => {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_timeout(timeout);
+                if !config.otlp_endpoint.is_empty() {
+                    let base = config.otlp_endpoint.trim_end_matches('/');
+                    b = b.with_endpoint(format!("{base}/v1/traces"));
+                }
+                b.build()?
+            }
+        };
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let exporter = OnRuntime {
+            inner: Arc::new(exporter),
+            runtime: tokio::runtime::Handle::current(),
+            in_flight: in_flight.clone(),
+        };
+        let batch = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                opentelemetry_sdk::trace::BatchConfigBuilder::default()
+                    // Never full before ours: drops are decided (and counted) below.
+                    .with_max_queue_size(config.span_queue_size * 2)
+                    .with_scheduled_delay(Duration::from_millis(200))
+                    .build(),
+            )
+            .build();
+        let processor = Bounded {
+            inner: batch,
+            in_flight,
+            capacity: config.span_queue_size,
+        };
+        let resource = Resource::builder()
+            .with_service_name(
+                std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "rtgate".to_string()),
+            )
+            .with_attributes([
+                KeyValue::new("service.version", crate::VERSION),
+                KeyValue::new("service.instance.id", instance_id.to_string()),
+            ])
+            .build();
+        let mut builder = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource);
+        if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
+            // Decided once by the publisher; every other instance follows the parent.
+            builder = builder.with_sampler(Sampler::ParentBased(Box::new(
+                Sampler::TraceIdRatioBased(config.sample_ratio),
+            )));
+        }
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        Ok(Some(builder.build()))
+    }
+
+    /// Runs each export on the tokio runtime (the OTLP clients need it; the batch processor
+    /// exports from its own thread) and counts spans leaving the queue.
+    #[derive(Debug)]
+    struct OnRuntime<E> {
+        inner: Arc<E>,
+        runtime: tokio::runtime::Handle,
+        in_flight: Arc<AtomicUsize>,
+    }
+
+    impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            let n = batch.len();
+            let inner = self.inner.clone();
+            let result = self
+                .runtime
+                .spawn(async move { inner.export(batch).await })
+                .await;
+            self.in_flight.fetch_sub(n, Ordering::Relaxed);
+            result.unwrap_or_else(|e| {
+                Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+                    e.to_string(),
+                ))
+            })
+        }
+
+        fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+            self.inner.shutdown_with_timeout(timeout)
+        }
+
+        fn set_resource(&mut self, resource: &Resource) {
+            // Called once while building the provider, before any export shares `inner`.
+            if let Some(inner) = Arc::get_mut(&mut self.inner) {
+                inner.set_resource(resource);
+            }
+        }
+    }
+
+    /// Drops (and counts) spans beyond `capacity` waiting for export, so a collector that is
+    /// away never grows memory and never blocks the hot path.
+    #[derive(Debug)]
+    struct Bounded {
+        inner: BatchSpanProcessor,
+        in_flight: Arc<AtomicUsize>,
+        capacity: usize,
+    }
+
+    impl SpanProcessor for Bounded {
+        fn on_start(&self, span: &mut Span, cx: &Context) {
+            self.inner.on_start(span, cx);
+        }
+
+        fn on_end(&self, span: SpanData) {
+            if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+                self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                metric::span_dropped();
+                return;
+            }
+            self.inner.on_end(span);
+        }
+
+        fn force_flush(&self) -> OTelSdkResult {
+            self.inner.force_flush()
+        }
+
+        fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+            self.inner.shutdown_with_timeout(timeout)
+        }
+
+        fn set_resource(&mut self, resource: &Resource) {
+            self.inner.set_resource(resource);
+        }
+    }
+
+    /// `<room> publish` (producer) on the publishing instance.
+    pub fn publish_span(room: &str, broker: &'static str) -> TracingSpan {
+        tracing::info_span!(
+            "publish",
+            otel.name = format!("{room} publish"),
+            otel.kind = "producer",
+            messaging.system = broker,
+            messaging.operation.type = "publish",
+            messaging.destination.name = room,
+            messaging.message.id = tracing::field::Empty,
+        )
+    }
+
+    /// `<room> process` (consumer) on a delivering instance, child of the publisher's span.
+    pub fn process_span(room: &str, broker: &'static str, traceparent: &str) -> TracingSpan {
+        let span = tracing::info_span!(
+            "process",
+            otel.name = format!("{room} process"),
+            otel.kind = "consumer",
+            messaging.system = broker,
+            messaging.operation.type = "process",
+            messaging.destination.name = room,
+            messaging.message.id = tracing::field::Empty,
+            rtgate.recipients = tracing::field::Empty,
+        );
+        let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+        let parent = TraceContextPropagator::new().extract(&carrier);
+        let _ = span.set_parent(parent);
+        span
+    }
+
+    /// `ws.receive` for one client frame.
+    pub fn receive_span(session: &str) -> TracingSpan {
+        tracing::info_span!(
+            "ws.receive",
+            otel.kind = "server",
+            rtgate.session.id = session
+        )
+    }
+
+    /// The W3C `traceparent` of `span`, to carry with the message.
+    pub fn traceparent(span: &TracingSpan) -> Option<String> {
+        let mut carrier: HashMap<String, String> = HashMap::new();
+        TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+        carrier.remove("traceparent")
     }
 }

@@ -26,7 +26,7 @@ use crate::broker::{
 };
 use crate::config::Config;
 use crate::protocol::{ServerFrame, close, format_ts};
-use crate::telemetry::metric;
+use crate::telemetry::{metric, trace};
 use queue::{Pushed, SendQueue};
 
 /// One WebSocket connection, as the rest of the instance sees it.
@@ -87,6 +87,8 @@ struct Room {
 /// This instance's sessions, rooms and users.
 pub struct Hub {
     instance_id: Arc<str>,
+    /// For the spans' `messaging.system`.
+    broker_kind: &'static str,
     started: Instant,
     rooms: RwLock<HashMap<RoomName, Room>>,
     users: RwLock<HashMap<Arc<str>, Vec<Arc<Session>>>>,
@@ -100,9 +102,10 @@ pub struct Joined {
 }
 
 impl Hub {
-    pub fn new(instance_id: Arc<str>) -> Self {
+    pub fn new(instance_id: Arc<str>, broker_kind: &'static str) -> Self {
         Self {
             instance_id,
+            broker_kind,
             started: Instant::now(),
             rooms: RwLock::default(),
             users: RwLock::default(),
@@ -297,6 +300,14 @@ fn presence_map(entries: &[PresenceEntry]) -> serde_json::Map<String, serde_json
 
 impl Deliver for Hub {
     fn room_event(&self, event: Arc<RoomEvent>) {
+        let span = match &event.msg.traceparent {
+            Some(tp) if trace::enabled() => {
+                Some(trace::process_span(&event.msg.room, self.broker_kind, tp))
+            }
+            _ => None,
+        };
+        let _entered = span.as_ref().map(tracing::Span::enter);
+        metric::delivery_latency(event.msg.ts_ms);
         // Serialize once; every recipient shares the bytes.
         let frame = room_event_frame(&event);
         let own_origin = event
@@ -322,6 +333,11 @@ impl Deliver for Hub {
             delivered += 1;
         }
         metric::delivered(event.msg.kind.as_str(), delivered);
+        metric::bytes_out(delivered * frame.len() as u64);
+        if let Some(span) = &span {
+            span.record("rtgate.recipients", delivered);
+            span.record("messaging.message.id", event.id.to_string());
+        }
     }
 
     fn direct(&self, msg: Arc<DirectMessage>) {
@@ -457,6 +473,7 @@ impl Gateway {
     /// closed with 1001. Returns once all connections ended or `grace` passed.
     pub async fn drain(&self, grace: Duration) {
         self.draining.store(true, Ordering::SeqCst);
+        metric::draining();
         let notice = Utf8Bytes::from(
             ServerFrame::new(
                 "system",
@@ -488,6 +505,10 @@ impl Gateway {
             }
             let ws = &self.config.ws;
             self.hub.sweep(ws.idle_timeout, ws.ping_interval);
+            metric::broker_ready(self.broker.is_ready());
+            if let Some(t) = last_heartbeat {
+                metric::heartbeat_age(t.elapsed());
+            }
             // A failed heartbeat is retried on the next tick once the broker is back.
             let due = last_heartbeat.is_none_or(|t| t.elapsed() >= self.config.heartbeat.interval);
             if due && self.broker.is_ready() {

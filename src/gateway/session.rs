@@ -20,7 +20,8 @@ use crate::protocol::{
     ClientFrame, ErrorCode, RequestKind, ServerFrame, ack_frame, close, error_frame, is_object,
     now_ms, valid_room,
 };
-use crate::telemetry::metric;
+use crate::telemetry::{metric, trace};
+use tracing::Instrument;
 
 /// How long the reader waits for the client's close reply after the server closed.
 const CLOSE_HANDSHAKE_WAIT: Duration = Duration::from_secs(2);
@@ -207,7 +208,15 @@ impl Connection {
             match msg {
                 // Boxed: the handler futures are large and live only while a request runs,
                 // so an idle connection's task stays small.
-                Message::Text(text) => Box::pin(self.on_text(&text)).await,
+                Message::Text(text) => {
+                    metric::bytes_in(text.len());
+                    if trace::enabled() {
+                        let span = trace::receive_span(&self.session.public_id);
+                        Box::pin(self.on_text(&text).instrument(span)).await
+                    } else {
+                        Box::pin(self.on_text(&text)).await
+                    }
+                }
                 Message::Binary(_) => {
                     self.violation(ErrorCode::BadRequest, "binary frames are not supported")
                 }
@@ -499,6 +508,11 @@ impl Connection {
     fn start_publish(&mut self, frame: &ClientFrame<'_>) {
         let reference = frame.reference.map(RawValue::to_owned);
         let room_name = frame.room.clone();
+        let broker = self.gw.broker.clone();
+        let span = match (&frame.room, trace::enabled()) {
+            (Some(room), true) => Some(trace::publish_span(room, broker.kind())),
+            _ => None,
+        };
         let msg = self.room_of(frame).and_then(|room| {
             Ok(RoomMessage {
                 room,
@@ -507,10 +521,9 @@ impl Connection {
                 sender_id: Some(self.session.identity.user_id.clone()),
                 ts_ms: now_ms(),
                 origin: Some(self.origin()),
-                traceparent: None,
+                traceparent: span.as_ref().and_then(trace::traceparent),
             })
         });
-        let broker = self.gw.broker.clone();
         let pending = async move {
             let result = match msg {
                 Err(refusal) => Err(refusal),
@@ -519,13 +532,19 @@ impl Connection {
                     let published = broker.publish(msg).await;
                     metric::publish_latency(started.elapsed());
                     published
-                        .map(|id| format!(r#"{{"id":"{id}"}}"#))
+                        .map(|id| {
+                            tracing::Span::current().record("messaging.message.id", id.to_string());
+                            format!(r#"{{"id":"{id}"}}"#)
+                        })
                         .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))
                 }
             };
             (reference, room_name, result)
-        }
-        .boxed();
+        };
+        let pending = match span {
+            Some(span) => pending.instrument(span).boxed(),
+            None => pending.boxed(),
+        };
         self.publishes
             .get_or_insert_with(FuturesOrdered::new)
             .push_back(pending);
