@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 pub mod kafka;
+pub mod otel;
 pub mod redis;
 
 pub const SECRET: &str = "test-secret";
