@@ -204,6 +204,7 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(instance = %gw.instance_id(), broker = gw.broker.kind(), "started");
 
+    rtgate::telemetry::metric::started();
     let stop = CancellationToken::new();
     let maintenance = tokio::spawn(gw.clone().run_maintenance(stop.clone()));
     let drained = CancellationToken::new();

@@ -216,6 +216,13 @@ pub mod metric {
         gauge!("rtgate_draining").set(1.0);
     }
 
+    /// Gauges that must read 0 from the start rather than be absent.
+    pub fn started() {
+        gauge!("rtgate_draining").set(0.0);
+        gauge!("rtgate_connections").increment(0.0);
+        gauge!("rtgate_rooms").increment(0.0);
+    }
+
     pub fn publish_latency(elapsed: Duration) {
         histogram!("rtgate_broker_publish_seconds").record(elapsed.as_secs_f64());
     }

@@ -213,7 +213,10 @@ impl Hub {
         };
         let held = std::mem::take(&mut *buffer.lock().unwrap());
         for event in held.iter().filter(|e| e.id > delivered_through) {
-            member.session.send(room_event_frame(event));
+            let frame = room_event_frame(event);
+            metric::delivered(event.msg.kind.as_str(), 1);
+            metric::bytes_out(frame.len() as u64);
+            member.session.send(frame);
         }
     }
 
@@ -307,7 +310,6 @@ impl Deliver for Hub {
             _ => None,
         };
         let _entered = span.as_ref().map(tracing::Span::enter);
-        metric::delivery_latency(event.msg.ts_ms);
         // Serialize once; every recipient shares the bytes.
         let frame = room_event_frame(&event);
         let own_origin = event
@@ -320,6 +322,7 @@ impl Deliver for Hub {
         let Some(room) = rooms.get(&event.msg.room) else {
             return;
         };
+        metric::delivery_latency(event.msg.ts_ms);
         let mut delivered = 0u64;
         for member in &room.members {
             if !member.echo_self && Some(member.session.id) == own_origin {
@@ -358,6 +361,7 @@ impl Deliver for Hub {
             s.send(frame.clone());
         }
         metric::delivered("direct", sessions.len() as u64);
+        metric::bytes_out(sessions.len() as u64 * frame.len() as u64);
     }
 
     fn presence(&self, diff: Arc<PresenceDiff>) {

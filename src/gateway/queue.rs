@@ -30,9 +30,15 @@ pub struct CloseFrame {
     pub reason: Utf8Bytes,
 }
 
+/// A queued frame; replies to the connection's own requests are never dropped.
+struct Queued {
+    frame: Utf8Bytes,
+    reply: bool,
+}
+
 #[derive(Default)]
 struct Inner {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Queued>,
     ping: bool,
     close: Option<CloseFrame>,
     /// The writer took the close frame: nothing more will be written.
@@ -80,7 +86,13 @@ impl SendQueue {
         if q.frames.len() >= self.max {
             match self.policy {
                 OverflowPolicy::DropOldest => {
-                    q.frames.pop_front();
+                    match q.frames.iter().position(|f| !f.reply) {
+                        Some(oldest) => {
+                            q.frames.remove(oldest);
+                        }
+                        // Only replies queued: they stay, and this frame is the one dropped.
+                        None => return Pushed::Dropped,
+                    }
                     outcome = Pushed::Dropped;
                 }
                 OverflowPolicy::DropNew => return Pushed::Dropped,
@@ -96,7 +108,10 @@ impl SendQueue {
                 }
             }
         }
-        q.frames.push_back(frame);
+        q.frames.push_back(Queued {
+            frame,
+            reply: false,
+        });
         drop(q);
         self.wake.notify_one();
         outcome
@@ -110,7 +125,7 @@ impl SendQueue {
         if q.close.is_some() {
             return;
         }
-        q.frames.push_back(frame);
+        q.frames.push_back(Queued { frame, reply: true });
         drop(q);
         self.wake.notify_one();
     }
@@ -181,7 +196,7 @@ impl SendQueue {
                     return None;
                 }
                 if !q.frames.is_empty() || q.ping || q.close.is_some() {
-                    batch.frames.extend(q.frames.drain(..));
+                    batch.frames.extend(q.frames.drain(..).map(|f| f.frame));
                     batch.ping = std::mem::take(&mut q.ping);
                     batch.close = q.close.clone();
                     q.finished = q.close.is_some();
@@ -220,6 +235,15 @@ mod tests {
         assert_eq!(q.push(f("2")), Pushed::Queued);
         assert_eq!(q.push(f("3")), Pushed::Dropped);
         assert_eq!(drain(&q).await.frames, vec![f("2"), f("3")]);
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_never_drops_a_reply() {
+        let q = SendQueue::new(2, OverflowPolicy::DropOldest);
+        q.push_reply(f("ack"));
+        q.push(f("1"));
+        assert_eq!(q.push(f("2")), Pushed::Dropped);
+        assert_eq!(drain(&q).await.frames, vec![f("ack"), f("2")]);
     }
 
     #[tokio::test]
