@@ -44,8 +44,7 @@ pub fn init(config: &TelemetryConfig, instance_id: &str) -> anyhow::Result<Telem
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
+                    .event_format(json_log::JsonWithTraceIds)
                     .with_writer(std::io::stderr),
             )
             .try_init()?,
@@ -179,6 +178,10 @@ pub mod metric {
 
     pub fn bad_frame(reason: &'static str) {
         counter!("rtgate_bad_frames_total", "reason" => reason).increment(1);
+    }
+
+    pub fn broker_failover() {
+        counter!("rtgate_broker_failovers_total").increment(1);
     }
 
     pub fn broker_reconnect() {
@@ -461,5 +464,84 @@ pub mod trace {
         let mut carrier: HashMap<String, String> = HashMap::new();
         TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
         carrier.remove("traceparent")
+    }
+}
+
+/// JSON log lines that carry the OpenTelemetry `trace_id` and `span_id` of the span they were
+/// written in, so a log line leads to its trace.
+mod json_log {
+    use std::fmt;
+
+    use opentelemetry::trace::TraceContextExt;
+    use serde_json::{Map, Value};
+    use tracing::field::{Field, Visit};
+    use tracing::{Event, Subscriber};
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+    use tracing_subscriber::registry::LookupSpan;
+
+    pub struct JsonWithTraceIds;
+
+    struct Fields(Map<String, Value>);
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+            self.0.insert(
+                field.name().to_string(),
+                Value::String(format!("{value:?}")),
+            );
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0
+                .insert(field.name().to_string(), Value::String(value.to_string()));
+        }
+        fn record_i64(&mut self, field: &Field, value: i64) {
+            self.0.insert(field.name().to_string(), value.into());
+        }
+        fn record_u64(&mut self, field: &Field, value: u64) {
+            self.0.insert(field.name().to_string(), value.into());
+        }
+        fn record_bool(&mut self, field: &Field, value: bool) {
+            self.0.insert(field.name().to_string(), value.into());
+        }
+    }
+
+    impl<S, N> FormatEvent<S, N> for JsonWithTraceIds
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut writer: Writer<'_>,
+            event: &Event<'_>,
+        ) -> fmt::Result {
+            let meta = event.metadata();
+            let mut fields = Fields(Map::new());
+            event.record(&mut fields);
+            let mut line = Map::new();
+            line.insert(
+                "timestamp".into(),
+                crate::protocol::format_ts(crate::protocol::now_ms()).into(),
+            );
+            line.insert("level".into(), meta.level().as_str().into());
+            line.insert("target".into(), meta.target().into());
+            if let Some(span) = ctx.lookup_current() {
+                line.insert("span".into(), span.name().into());
+                let ids = tracing::dispatcher::get_default(|d| {
+                    tracing_opentelemetry::get_otel_context(&span.id(), d)
+                });
+                if let Some(cx) = ids {
+                    let sc = cx.span().span_context().clone();
+                    if sc.is_valid() {
+                        line.insert("trace_id".into(), sc.trace_id().to_string().into());
+                        line.insert("span_id".into(), sc.span_id().to_string().into());
+                    }
+                }
+            }
+            line.insert("fields".into(), Value::Object(fields.0));
+            writeln!(writer, "{}", Value::Object(line))
+        }
     }
 }

@@ -153,3 +153,40 @@ async fn a_collector_that_is_away_blocks_nothing_and_drops_are_counted() {
         "spans beyond the queue are dropped and counted: {dropped}"
     );
 }
+
+#[tokio::test]
+async fn json_log_lines_carry_trace_and_span_ids() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let srv = Server::start(&format!(
+        "[telemetry]\notlp_endpoint = \"{endpoint}\"\nlog_format = \"json\"\nlog_level = \"rtgate=debug,info\"\n"
+    ))
+    .await;
+    let room = "public:logged";
+    let mut member = srv.user("m").await;
+    member.join(room).await;
+    let id = member.publish(room, json!({"x": 1})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let found = srv.logs().lines().find_map(|l| {
+            let json = l.split_once(' ').map(|(_, j)| j)?;
+            let v: serde_json::Value = serde_json::from_str(json).ok()?;
+            (v["fields"]["message"] == "fan-out" && v["fields"]["id"] == id.as_str()).then_some(v)
+        });
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fan-out log line: {}",
+            srv.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let trace_id = line["trace_id"].as_str().expect("trace_id on the line");
+    let span_id = line["span_id"].as_str().expect("span_id on the line");
+    assert_eq!(trace_id.len(), 32, "{line}");
+    assert_eq!(span_id.len(), 16, "{line}");
+    assert_eq!(line["level"], "DEBUG");
+}

@@ -836,6 +836,7 @@ async fn serve(
                 }
             }
             notice = next_switch(&mut switch) => {
+                crate::telemetry::metric::broker_failover();
                 tracing::info!(notice = %notice, "Sentinel switched the master");
                 return None;
             }

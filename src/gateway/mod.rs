@@ -337,6 +337,7 @@ impl Deliver for Hub {
         }
         metric::delivered(event.msg.kind.as_str(), delivered);
         metric::bytes_out(delivered * frame.len() as u64);
+        tracing::debug!(room = %event.msg.room, id = %event.id, recipients = delivered, "fan-out");
         if let Some(span) = &span {
             span.record("rtgate.recipients", delivered);
             span.record("messaging.message.id", event.id.to_string());
