@@ -22,7 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
-use super::wire::{WireDirect, WireMessage};
+use super::wire::{self, WireMessage};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
     RoomEvent, RoomMessage, RoomName, Subscribed,
@@ -259,16 +259,7 @@ impl Broker for KafkaBroker {
         }
         let topic = room_topic(&msg.room);
         ensure_topic(&self.shared, &topic).await?;
-        let payload = serde_json::to_vec(&WireMessage {
-            k: msg.kind,
-            d: &msg.data,
-            s: msg.sender_id.as_deref(),
-            t: msg.ts_ms,
-            oi: msg.origin.as_ref().map(|o| &*o.instance),
-            os: msg.origin.as_ref().map(|o| o.session),
-            tp: None,
-        })
-        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        let payload = wire::encode_message(&msg, false);
         // One partition carries a room, so the room stays totally ordered.
         let mut record = FutureRecord::<(), _>::to(&topic)
             .partition(0)
@@ -360,14 +351,7 @@ impl Broker for KafkaBroker {
             return Err(unavailable("Kafka is not reachable"));
         }
         ensure_topic(&self.shared, DIRECT_TOPIC).await?;
-        let payload = serde_json::to_vec(&WireDirect {
-            to: &msg.to,
-            d: &msg.data,
-            s: &msg.sender_id,
-            t: msg.ts_ms,
-            tp: msg.traceparent.as_deref(),
-        })
-        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        let payload = wire::encode_direct(&msg);
         self.shared
             .producer()
             .send(
@@ -644,14 +628,8 @@ fn deliver_room<M: Message>(shared: &Shared, room: &RoomName, m: &M, payload: &[
 }
 
 fn deliver_direct(shared: &Shared, payload: &[u8]) {
-    match serde_json::from_slice::<WireDirect>(payload) {
-        Ok(w) => shared.sink.direct(Arc::new(DirectMessage {
-            to: w.to.into(),
-            data: w.d.to_owned(),
-            sender_id: w.s.into(),
-            ts_ms: w.t,
-            traceparent: w.tp.map(str::to_string),
-        })),
+    match wire::decode_direct(payload) {
+        Ok(msg) => shared.sink.direct(Arc::new(msg)),
         Err(e) => tracing::warn!(error = %e, "unreadable direct message"),
     }
 }

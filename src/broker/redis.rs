@@ -18,7 +18,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Value};
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::wire::{WireDirect, WireMessage, WirePresence, WirePresenceDiff};
+use super::wire::{self, WireMessage, WirePresence, WirePresenceDiff};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceDiff,
     PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed,
@@ -256,16 +256,7 @@ impl Broker for RedisBroker {
 
     async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
         let mut conn = self.master()?;
-        let payload = serde_json::to_string(&WireMessage {
-            k: msg.kind,
-            d: &msg.data,
-            s: msg.sender_id.as_deref(),
-            t: msg.ts_ms,
-            oi: msg.origin.as_ref().map(|o| &*o.instance),
-            os: msg.origin.as_ref().map(|o| o.session),
-            tp: msg.traceparent.as_deref(),
-        })
-        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        let payload = wire::encode_message(&msg, true);
         let cfg = &self.shared.cfg;
         let min_acks = self.shared.min_acks.load(Ordering::Relaxed);
         let mut pipe = redis::pipe();
@@ -359,14 +350,7 @@ impl Broker for RedisBroker {
 
     async fn send_direct(&self, msg: DirectMessage) -> Result<(), BrokerError> {
         let mut conn = self.master()?;
-        let payload = serde_json::to_string(&WireDirect {
-            to: &msg.to,
-            d: &msg.data,
-            s: &msg.sender_id,
-            t: msg.ts_ms,
-            tp: msg.traceparent.as_deref(),
-        })
-        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        let payload = wire::encode_direct(&msg);
         redis::cmd("PUBLISH")
             .arg(names::user_channel(&msg.to))
             .arg(payload)
@@ -1013,14 +997,8 @@ fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
             _ => tracing::warn!(channel, "unreadable room message"),
         }
     } else if channel.starts_with(names::USER_PREFIX) {
-        match serde_json::from_slice::<WireDirect>(payload) {
-            Ok(w) => shared.sink.direct(Arc::new(DirectMessage {
-                to: w.to.into(),
-                data: w.d.to_owned(),
-                sender_id: w.s.into(),
-                ts_ms: w.t,
-                traceparent: w.tp.map(str::to_string),
-            })),
+        match wire::decode_direct(payload) {
+            Ok(msg) => shared.sink.direct(Arc::new(msg)),
             Err(e) => tracing::warn!(error = %e, "unreadable direct message"),
         }
     }

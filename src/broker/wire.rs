@@ -6,7 +6,51 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{MessageId, MessageKind, Origin, PresenceEntry, RoomEvent, RoomMessage, RoomName};
+use super::{
+    DirectMessage, MessageId, MessageKind, Origin, PresenceEntry, RoomEvent, RoomMessage, RoomName,
+};
+
+/// The payload of a room message; the trace context goes in it unless the transport carries
+/// it itself (Kafka headers).
+pub fn encode_message(msg: &RoomMessage, with_traceparent: bool) -> String {
+    serde_json::to_string(&WireMessage {
+        k: msg.kind,
+        d: &msg.data,
+        s: msg.sender_id.as_deref(),
+        t: msg.ts_ms,
+        oi: msg.origin.as_ref().map(|o| &*o.instance),
+        os: msg.origin.as_ref().map(|o| o.session),
+        tp: if with_traceparent {
+            msg.traceparent.as_deref()
+        } else {
+            None
+        },
+    })
+    .expect("a room message serializes")
+}
+
+pub fn encode_direct(msg: &DirectMessage) -> String {
+    serde_json::to_string(&WireDirect {
+        to: &msg.to,
+        d: &msg.data,
+        s: &msg.sender_id,
+        t: msg.ts_ms,
+        tp: msg.traceparent.as_deref(),
+    })
+    .expect("a direct message serializes")
+}
+
+/// A direct message from its payload.
+pub fn decode_direct(payload: &[u8]) -> Result<DirectMessage, serde_json::Error> {
+    let w: WireDirect = serde_json::from_slice(payload)?;
+    Ok(DirectMessage {
+        to: w.to.into(),
+        data: w.d.to_owned(),
+        sender_id: w.s.into(),
+        ts_ms: w.t,
+        traceparent: w.tp.map(str::to_string),
+    })
+}
 
 /// A room message as stored (stream, topic) and carried live.
 #[derive(Serialize, Deserialize)]
