@@ -1,0 +1,195 @@
+"""Checks of the container and deployment files: run `.venv/bin/pytest tests/deploy -q`.
+
+Needs check-jsonschema, pyyaml and kubernetes-validate in the venv; uses `kubectl kustomize`
+when kubectl is on PATH and builds target/debug/rtgate when no binary exists.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "kubernetes"
+KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "redis-sentinel", K8S / "overlays" / "kafka"]
+OVERLAY_BROKER = {"base": "memory", "redis-sentinel": "redis", "kafka": "kafka"}
+
+
+def load(name):
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def rtgate_services(compose):
+    return {k: v for k, v in compose["services"].items() if k.startswith("rtgate-")}
+
+
+def interpolate(value):
+    """Compose's ${VAR:-default} with an empty environment, as `docker compose up` sees it."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", str(value))
+
+
+@pytest.fixture(scope="module")
+def readme():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Redis broker", 1)[1].split("\n## ", 1)[0]
+    flat = " ".join(section.split())
+    m = re.search(r"master on (\d+), replicas on (\d+) and (\d+), and sentinels on "
+                  r"(\d+), (\d+) and (\d+) watching master `([^`]+)` \(quorum (\d+)\)", flat)
+    assert m, "README 'Redis broker' no longer states the topology in the expected words"
+    sentinels = json.loads(re.search(r"RTGATE_REDIS__SENTINELS='([^']+)'", section).group(1))
+    return {
+        "master": int(m[1]), "replicas": [int(m[2]), int(m[3])],
+        "sentinel_ports": [int(m[4]), int(m[5]), int(m[6])], "master_name": m[7],
+        "quorum": int(m[8]), "sentinels": sentinels,
+        "master_name_env": re.search(r"RTGATE_REDIS__MASTER_NAME=(\S+)", section).group(1),
+    }
+
+
+@pytest.fixture(scope="module")
+def rtgate_bin():
+    for profile in ("release", "debug"):
+        path = ROOT / "target" / profile / "rtgate"
+        if path.exists():
+            return path
+    subprocess.run(["cargo", "build", "--bin", "rtgate"], cwd=ROOT, check=True)
+    return ROOT / "target" / "debug" / "rtgate"
+
+
+def seconds(duration):
+    """rtgate prints durations the humantime way: `10s`, `1m 30s`."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([smh])\b", duration))
+
+
+def config_check(rtgate_bin, path, extra_env=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RTGATE_", "OTEL_"))}
+    env.update(extra_env or {})
+    out = subprocess.run([str(rtgate_bin), "config", "check", "--config", str(path)],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, f"{path}: {out.stderr}"
+    return tomllib.loads(out.stdout)
+
+
+# (a) schema validity of both compose files (offline, vendored compose-spec schema).
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.redis.yml"])
+def test_compose_schema(name):
+    exe = Path(sys.executable).with_name("check-jsonschema")
+    out = subprocess.run([str(exe), "--builtin-schema", "vendor.compose-spec", str(ROOT / name)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# (b) ports, master name, sentinels and passwords agree between README and compose files.
+def test_redis_topology_matches_readme(readme):
+    redis = load("docker-compose.redis.yml")["services"]
+    cmds = {name: " ".join(svc.get("command", [])) for name, svc in redis.items()}
+    assert f"--port {readme['master']} " in cmds["redis-master"] + " "
+    for name, port in zip(["redis-replica-1", "redis-replica-2"], readme["replicas"]):
+        assert f"--port {port} " in cmds[name]
+        assert f"--replicaof 127.0.0.1 {readme['master']}" in cmds[name]
+    sentinel_ports = [int(s["environment"]["SENTINEL_PORT"])
+                      for n, s in sorted(redis.items()) if n.startswith("sentinel-")]
+    assert sentinel_ports == readme["sentinel_ports"]
+    monitor = f"sentinel monitor {readme['master_name']} 127.0.0.1 {readme['master']} {readme['quorum']}"
+    for name, svc in redis.items():
+        if name.startswith("sentinel-"):
+            assert monitor in "".join(svc["command"]), name
+    # No AUTH in the local topology (README documents none), so rtgate sets no password.
+    assert not re.search(r"requirepass|masterauth|auth-pass", (ROOT / "docker-compose.redis.yml").read_text())
+    assert readme["master_name_env"] == readme["master_name"]
+    assert readme["sentinels"] == [f"127.0.0.1:{p}" for p in readme["sentinel_ports"]]
+
+
+def test_compose_rtgate_points_at_compose_sentinels(readme, rtgate_bin, tmp_path):
+    compose = load("docker-compose.yml")
+    assert "docker-compose.redis.yml" in compose["include"]
+    # Host networking everywhere (as in docker-compose.redis.yml): 127.0.0.1 addresses hold.
+    assert all(s.get("network_mode") == "host" for s in compose["services"].values())
+    services = rtgate_services(compose)
+    assert len(services) == 3
+    listens, empty = [], tmp_path / "empty.toml"
+    empty.write_text("")
+    for name, svc in services.items():
+        env = {k: interpolate(v) for k, v in svc["environment"].items()}
+        assert json.loads(env["RTGATE_REDIS__SENTINELS"]) == readme["sentinels"], name
+        assert env["RTGATE_REDIS__MASTER_NAME"] == readme["master_name"], name
+        assert env["RTGATE_BROKER__KIND"] == "redis", name
+        assert "RTGATE_REDIS__PASSWORD" not in env and "RTGATE_REDIS__URL" not in env
+        assert set(svc["depends_on"]) == {"sentinel-1", "sentinel-2", "sentinel-3"}
+        effective = config_check(rtgate_bin, empty, env)
+        assert effective["redis"]["sentinels"] == readme["sentinels"]
+        assert effective["server"]["instance_id"] == name
+        listens.append(env["RTGATE_SERVER__LISTEN"])
+    ports = [int(a.rsplit(":", 1)[1]) for a in listens]
+    taken = [readme["master"], *readme["replicas"], *readme["sentinel_ports"], 8080]
+    assert len(set(ports)) == 3 and not set(ports) & set(taken)
+    nginx = (ROOT / "deploy/compose/nginx.conf").read_text()
+    assert sorted(re.findall(r"^\s*server (\S+?)[ ;]", nginx, re.M)) == sorted(listens)
+    for needle in ("proxy_http_version 1.1", "proxy_set_header Upgrade $http_upgrade",
+                   "proxy_set_header Connection $connection_upgrade", "listen 8080"):
+        assert needle in nginx
+    kafka = compose["services"]["kafka"]
+    assert kafka["profiles"] == ["kafka"]
+    assert "127.0.0.1:9092" in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert json.loads(env["RTGATE_KAFKA__BROKERS"]) == ["127.0.0.1:9092"]
+    otel = yaml.safe_load((ROOT / "deploy/compose/otel-collector.yaml").read_text())
+    assert otel["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] == "127.0.0.1:4317"
+    jaeger = compose["services"]["jaeger"]["environment"]
+    assert otel["exporters"]["otlp/jaeger"]["endpoint"] == jaeger["COLLECTOR_OTLP_GRPC_HOST_PORT"]
+
+
+# (c) every shipped rtgate.toml passes `rtgate config check`.
+def kustomize(directory):
+    if shutil.which("kubectl") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but kubectl (for `kubectl kustomize`) is not installed")
+        pytest.skip("kubectl not installed")
+    out = subprocess.run(["kubectl", "kustomize", str(directory)],
+                         capture_output=True, text=True, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_systemd_config(rtgate_bin):
+    cfg = config_check(rtgate_bin, ROOT / "deploy/systemd/rtgate.toml")
+    assert cfg["broker"]["kind"] == "redis" and cfg["redis"]["sentinels"]
+    unit = (ROOT / "deploy/systemd/rtgate.service").read_text()
+    stop = int(re.search(r"^TimeoutStopSec=(\d+)s$", unit, re.M)[1])
+    assert stop > seconds(cfg["shutdown"]["grace"])
+    for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "Restart=on-failure"):
+        assert line in unit.splitlines()
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_kustomize_config(directory, rtgate_bin, tmp_path):
+    docs = kustomize(directory)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    path = tmp_path / "rtgate.toml"
+    path.write_text(cm["data"]["rtgate.toml"])
+    cfg = config_check(rtgate_bin, path)
+    assert cfg["broker"]["kind"] == OVERLAY_BROKER[directory.name]
+    (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deploy["spec"]["template"]["spec"]
+    grace = seconds(cfg["shutdown"]["grace"])
+    assert pod["terminationGracePeriodSeconds"] > grace + 5  # + the preStop sleep
+    volume = [v for v in pod["volumes"] if v["name"] == "config"][0]
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    assert deploy["spec"]["replicas"] == (1 if directory.name == "base" else 3)
+
+
+# (d) kustomize output (and the Secret example) is valid Kubernetes 1.30, strictly.
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_kubernetes_validate(directory):
+    docs = kustomize(directory)
+    docs.append(yaml.safe_load((K8S / "base/secret.example.yaml").read_text()))
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "ConfigMap",
+                                         "PodDisruptionBudget", "Secret"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
