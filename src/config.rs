@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Stable instance id; a random one is generated when empty.
     pub instance_id: String,
+    /// Serve the demo page at `/`. It hands out tokens to anyone (for development only).
+    pub demo: bool,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +43,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             instance_id: String::new(),
+            demo: true,
         }
     }
 }

@@ -24,14 +24,64 @@ const WS_READ_BUFFER: usize = 256;
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 
 pub fn router(gw: Arc<Gateway>) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/api/v1/ws", get(websocket))
         .route("/api/v1/broadcast", post(broadcast))
         .route("/api/v1/stats", get(stats))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(gw)
+        .route("/metrics", get(metrics));
+    if gw.config.server.demo {
+        router = router
+            .route("/", get(demo::page))
+            .route("/demo/rtgate.js", get(demo::sdk))
+            .route("/api/v1/demo/token", get(demo::token));
+    }
+    router.with_state(gw)
+}
+
+/// The demo page (`server.demo`): a chat built on the JavaScript SDK, bundled into the binary.
+mod demo {
+    use super::*;
+
+    const PAGE: &str = include_str!("demo/index.html");
+    /// `sdk/js` built by `npm run build`; committed so that the binary builds without Node.
+    const SDK: &str = include_str!("../sdk/js/dist/rtgate.browser.js");
+
+    pub async fn page() -> Response {
+        axum::response::Html(PAGE).into_response()
+    }
+
+    pub async fn sdk() -> Response {
+        (
+            [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+            SDK,
+        )
+            .into_response()
+    }
+
+    /// A one-hour token for `?user=NAME` (1 to 32 of `[A-Za-z0-9_-]`), never an admin.
+    pub async fn token(
+        State(gw): State<Arc<Gateway>>,
+        Query(query): Query<HashMap<String, String>>,
+    ) -> Response {
+        let user = query.get("user").map(String::as_str).unwrap_or_default();
+        let valid = (1..=32).contains(&user.len())
+            && user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "`user` is 1 to 32 of [A-Za-z0-9_-]",
+            );
+        }
+        let token = gw
+            .auth
+            .issue(user, false, std::time::Duration::from_secs(3600));
+        Json(json!({ "token": token })).into_response()
+    }
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
