@@ -53,14 +53,6 @@ def readme():
     }
 
 
-@pytest.fixture(scope="module")
-def rtgate_bin():
-    for profile in ("release", "debug"):
-        path = ROOT / "target" / profile / "rtgate"
-        if path.exists():
-            return path
-    subprocess.run(["cargo", "build", "--bin", "rtgate"], cwd=ROOT, check=True)
-    return ROOT / "target" / "debug" / "rtgate"
 
 
 def seconds(duration):

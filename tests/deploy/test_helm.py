@@ -76,14 +76,6 @@ def one(docs, kind):
     return found[0]
 
 
-@pytest.fixture(scope="session")
-def rtgate_bin():
-    for profile in ("release", "debug"):
-        exe = ROOT / "target" / profile / "rtgate"
-        if exe.exists():
-            return exe
-    subprocess.run(["cargo", "build"], cwd=ROOT, check=True)
-    return ROOT / "target" / "debug" / "rtgate"
 
 
 def test_lint():
