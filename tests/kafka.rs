@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::kafka::{KafkaServer, require_kafka};
 use common::redis::{RedisServer, require_redis};
-use common::{Client, Server, WAIT, token};
+use common::{Server, WAIT, messages_in};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -41,20 +41,6 @@ ttl = "2s"
         cfg.push_str(&format!("[redis]\nurl = \"{}\"\n", r.url()));
     }
     cfg
-}
-
-async fn user_on(server: &Server, sub: &str) -> Client {
-    let mut c = Client::connect(&server.ws_url(&token(sub, false, 3600))).await;
-    c.read_welcome().await;
-    c
-}
-
-fn messages_in(frames: &[Value], room: &str) -> Vec<Value> {
-    frames
-        .iter()
-        .filter(|v| v["type"] == "message" && v["room"] == room)
-        .cloned()
-        .collect()
 }
 
 struct Discard;
@@ -151,9 +137,9 @@ async fn three_instances_exchange_room_and_direct_messages_and_replay() {
         .await;
 
     let room = "public:kafka";
-    let mut on_a = user_on(&a, "alice").await;
-    let mut on_b = user_on(&b, "bob").await;
-    let mut on_c = user_on(&c, "carol").await;
+    let mut on_a = a.user("alice").await;
+    let mut on_b = b.user("bob").await;
+    let mut on_c = c.user("carol").await;
     on_b.join(room).await;
     on_c.join(room).await;
     let mut ids = Vec::new();
@@ -184,7 +170,7 @@ async fn three_instances_exchange_room_and_direct_messages_and_replay() {
     );
 
     // Written through A, replayed through C by a client that was not there.
-    let mut late = user_on(&c, "dave").await;
+    let mut late = c.user("dave").await;
     late.request_ok(json!({"type": "join", "room": room, "since": ids[14]}))
         .await;
     let frames = late.collect_for(Duration::from_millis(500)).await;
@@ -205,8 +191,8 @@ async fn broker_restart_keeps_clients_and_delivery_resumes() {
     let a = Server::start(&cfg).await;
     let b = Server::start(&cfg).await;
     let room = "public:restart";
-    let mut publisher = user_on(&a, "p").await;
-    let mut sub = user_on(&b, "s").await;
+    let mut publisher = a.user("p").await;
+    let mut sub = b.user("s").await;
     sub.join(room).await;
     publisher.publish(room, json!({"before": true})).await;
     assert!(sub.recv_message(room, WAIT).await.is_some());
@@ -260,9 +246,9 @@ async fn a_frozen_broker_loses_no_acked_message() {
     let a = Server::start(&cfg).await;
     let b = Server::start(&cfg).await;
     let room = "public:freeze";
-    let mut sub = user_on(&b, "s").await;
+    let mut sub = b.user("s").await;
     sub.join(room).await;
-    let publisher = user_on(&a, "p").await;
+    let publisher = a.user("p").await;
 
     // A publisher sends numbered messages with `ref` every 20 ms for 8 s; the broker is
     // frozen (SIGSTOP) for 2 s in the middle, then resumed.

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, SentinelTopology, require_redis};
-use common::{Client, Server, WAIT, token};
-use serde_json::{Value, json};
+use common::{Client, Server, WAIT, messages_in};
+use serde_json::json;
 
 /// Gateway config for a Sentinel topology; short heartbeats so instance death shows quickly.
 fn sentinel_toml(topo: &SentinelTopology) -> String {
@@ -42,24 +42,10 @@ async fn three_instances(topo: &SentinelTopology) -> (Server, Server, Server) {
     (a, b, c)
 }
 
-async fn user_on(server: &Server, sub: &str) -> Client {
-    let mut c = Client::connect(&server.ws_url(&token(sub, false, 3600))).await;
-    c.read_welcome().await;
-    c
-}
-
 fn kill9(pid: u32) {
     let _ = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status();
-}
-
-fn messages_in(frames: &[Value], room: &str) -> Vec<Value> {
-    frames
-        .iter()
-        .filter(|v| v["type"] == "message" && v["room"] == room)
-        .cloned()
-        .collect()
 }
 
 #[tokio::test]
@@ -79,9 +65,9 @@ async fn three_instances_share_rooms_directs_presence_history_and_stats() {
 
     // A message published through A reaches members on B and C exactly once.
     let room = "public:shared";
-    let mut on_a = user_on(&a, "alice").await;
-    let mut on_b = user_on(&b, "bob").await;
-    let mut on_c = user_on(&c, "carol").await;
+    let mut on_a = a.user("alice").await;
+    let mut on_b = b.user("bob").await;
+    let mut on_c = c.user("carol").await;
     for cl in [&mut on_b, &mut on_c] {
         cl.join(room).await;
     }
@@ -122,7 +108,7 @@ async fn three_instances_share_rooms_directs_presence_history_and_stats() {
         .await
         .expect("diff on B");
     assert_eq!(diff["data"]["joins"]["carol"][0]["status"], "here");
-    let mut late = user_on(&a, "dave").await;
+    let mut late = a.user("dave").await;
     late.request_ok(json!({"type": "join", "room": proom}))
         .await;
     let state = late
@@ -137,7 +123,7 @@ async fn three_instances_share_rooms_directs_presence_history_and_stats() {
     for n in 0..5 {
         hids.push(on_a.publish(hroom, json!({ "h": n })).await);
     }
-    let mut replayer = user_on(&c, "erin").await;
+    let mut replayer = c.user("erin").await;
     replayer
         .request_ok(json!({"type": "join", "room": hroom, "since": hids[1]}))
         .await;
@@ -259,11 +245,11 @@ async fn failover_case(freeze: bool) {
     } else {
         "public:kill"
     };
-    let mut sub_b = user_on(&b, "sub-b").await;
-    let mut sub_c = user_on(&c, "sub-c").await;
+    let mut sub_b = b.user("sub-b").await;
+    let mut sub_c = c.user("sub-c").await;
     sub_b.join(room).await;
     sub_c.join(room).await;
-    let publisher = user_on(&a, "pub").await;
+    let publisher = a.user("pub").await;
 
     let total = Duration::from_secs(12);
     let listen_for = total + Duration::from_secs(3);
@@ -333,8 +319,8 @@ async fn plain_url_redis_restart_reconnects_and_resumes() {
     let a = Server::start(&cfg).await;
     let b = Server::start(&cfg).await;
     let room = "public:restart";
-    let mut publisher = user_on(&a, "p").await;
-    let mut sub = user_on(&b, "s").await;
+    let mut publisher = a.user("p").await;
+    let mut sub = b.user("s").await;
     sub.join(room).await;
     publisher.publish(room, json!({"before": true})).await;
     assert!(sub.recv_message(room, WAIT).await.is_some());

