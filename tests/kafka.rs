@@ -117,9 +117,11 @@ async fn a_plain_kafka_consumer_finds_the_envelope_header_and_escaped_topic() {
     assert_eq!(topic, "rt.room.public_3Alobby.v1");
     assert_eq!(header.as_deref(), Some(traceparent));
     let v: Value = serde_json::from_str(&payload).unwrap();
-    assert_eq!(v["d"]["text"], "hi", "{payload}");
-    assert_eq!(v["s"], "alice");
-    assert_eq!(v["k"], "message");
+    assert_eq!(v["type"], "message", "{payload}");
+    assert_eq!(v["room"], "public:lobby");
+    assert_eq!(v["data"]["text"], "hi");
+    assert_eq!(v["sender_id"], "alice");
+    assert_eq!(v["ts"], "2024-11-21T10:10:10.123Z");
 }
 
 #[tokio::test]

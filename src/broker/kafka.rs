@@ -621,7 +621,7 @@ fn deliver_room<M: Message>(shared: &Shared, room: &RoomName, m: &M, payload: &[
             .and_then(|h| h.value)
             .and_then(|v| std::str::from_utf8(v).ok())
     });
-    wire.tp = traceparent;
+    wire.traceparent = traceparent.map(std::borrow::Cow::Borrowed);
     let id = MessageId::new(m.partition() as u64, m.offset() as u64);
     let event: RoomEvent = wire.into_event(room, id);
     shared.sink.room_event(Arc::new(event));

