@@ -211,19 +211,7 @@ async fn broker_restart_keeps_clients_and_delivery_resumes() {
     }
 
     kafka.restart().await;
-    // Both instances see Kafka again (readiness) before anything is published: the subscriber's
-    // instance must first notice that the partition started over (this broker kept no data).
     let deadline = Instant::now() + Duration::from_secs(20);
-    for server in [&a, &b] {
-        while server.get("/readyz").await.0 != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "an instance never became ready again"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut acked = Vec::new();
     while Instant::now() < deadline && acked.len() < 5 {
         let reply = publisher

@@ -490,6 +490,23 @@ async fn watch_health(shared: Arc<Shared>, commands: mpsc::UnboundedSender<Comma
     }
 }
 
+/// Where the consumer stands in one partition.
+struct Position {
+    /// `None` for the direct topic.
+    room: Option<RoomName>,
+    /// Next offset to deliver.
+    next: i64,
+    /// Fingerprint of the record at `next - 1`, to recognise a log that started over.
+    last: Option<u64>,
+}
+
+fn fingerprint(payload: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    payload.hash(&mut h);
+    h.finish()
+}
+
 /// The consumer task: owns the assignment and delivers what it reads.
 async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
     let consumer: StreamConsumer<QuietContext> =
@@ -500,8 +517,7 @@ async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
                 return;
             }
         };
-    // Topic -> (room, next offset to deliver). The direct topic has no room.
-    let mut positions: HashMap<String, (Option<RoomName>, i64)> = HashMap::new();
+    let mut positions: HashMap<String, Position> = HashMap::new();
     let timeout = shared.cfg.publish_timeout;
     // Direct messages: from the end, once the topic exists.
     loop {
@@ -509,12 +525,22 @@ async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
             && let Ok((_, high)) =
                 watermarks(shared.consumer_config.clone(), DIRECT_TOPIC.into(), timeout).await
         {
-            positions.insert(DIRECT_TOPIC.into(), (None, high));
+            positions.insert(
+                DIRECT_TOPIC.into(),
+                Position {
+                    room: None,
+                    next: high,
+                    last: None,
+                },
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assign(&consumer, &positions);
+    // Set when the connection to Kafka failed: nothing is delivered until the positions are
+    // checked against what the broker has now.
+    let mut suspect = false;
 
     loop {
         tokio::select! {
@@ -534,7 +560,7 @@ async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
                     .await;
                     match start {
                         Ok((_, high)) => {
-                            positions.insert(topic, (Some(room), high));
+                            positions.insert(topic, Position { room: Some(room), next: high, last: None });
                             assign(&consumer, &positions);
                             let _ = done.send(Ok(()));
                         }
@@ -549,40 +575,35 @@ async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
                     }
                 }
                 Some(Command::Resync) => {
-                    // A partition whose end is below our position (or that is gone) started
-                    // over on a broker that lost its data: read it again from its start.
-                    let mut changed = false;
-                    for (topic, (_, next)) in positions.iter_mut() {
-                        let restarted = match watermarks(shared.consumer_config.clone(), topic.clone(), timeout).await {
-                            Ok((_, high)) => high < *next,
-                            Err(_) => true,
-                        };
-                        if restarted && *next > 0 {
-                            tracing::warn!(topic, from = *next, "partition started over; reading it from its start");
-                            *next = 0;
-                            changed = true;
-                        }
-                    }
-                    if changed {
-                        assign(&consumer, &positions);
-                    }
+                    resync(&shared, &mut positions).await;
+                    assign(&consumer, &positions);
+                    suspect = false;
                 }
             },
             received = consumer.recv() => match received {
                 Ok(m) => {
-                    let Some((room, next)) = positions.get_mut(m.topic()) else { continue };
-                    // Ids only grow per partition: below the position is a duplicate.
-                    if m.offset() < *next {
+                    if suspect {
+                        // This record is fetched again after the check and reassignment.
+                        resync(&shared, &mut positions).await;
+                        assign(&consumer, &positions);
+                        suspect = false;
                         continue;
                     }
-                    *next = m.offset() + 1;
+                    let Some(pos) = positions.get_mut(m.topic()) else { continue };
+                    // Ids only grow per partition: below the position is a duplicate.
+                    if m.offset() < pos.next {
+                        continue;
+                    }
+                    pos.next = m.offset() + 1;
                     let payload = m.payload().unwrap_or_default();
-                    match room {
+                    pos.last = Some(fingerprint(payload));
+                    match &pos.room {
                         Some(room) => deliver_room(&shared, room, &m, payload),
                         None => deliver_direct(&shared, payload),
                     }
                 }
                 Err(e) => {
+                    suspect = true;
                     tracing::debug!(error = %e, "Kafka consumer error");
                 }
             },
@@ -590,14 +611,81 @@ async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
     }
 }
 
+/// After an outage: a partition whose log is gone, ends before our position, or holds another
+/// record where we left off started over on a broker that lost its data; read it from its start.
+async fn resync(shared: &Shared, positions: &mut HashMap<String, Position>) {
+    let timeout = shared.cfg.publish_timeout;
+    for (topic, pos) in positions.iter_mut() {
+        if pos.next == 0 {
+            continue;
+        }
+        let restarted =
+            match watermarks(shared.consumer_config.clone(), topic.clone(), timeout).await {
+                Err(_) => true,
+                Ok((_, high)) if high < pos.next => true,
+                Ok(_) => match pos.last {
+                    None => false,
+                    Some(last) => {
+                        let found = record_at(
+                            shared.consumer_config.clone(),
+                            topic.clone(),
+                            pos.next - 1,
+                            timeout,
+                        )
+                        .await;
+                        found.map(|p| fingerprint(&p)) != Some(last)
+                    }
+                },
+            };
+        if restarted {
+            tracing::warn!(
+                topic,
+                from = pos.next,
+                "partition started over; reading it from its start"
+            );
+            pos.next = 0;
+            pos.last = None;
+        }
+    }
+}
+
+/// The payload of the record at `offset` of partition 0, if the broker has it.
+async fn record_at(
+    consumer_config: ClientConfig,
+    topic: String,
+    offset: i64,
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer<QuietContext> =
+            consumer_config.create_with_context(QuietContext).ok()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Offset(offset))
+            .ok()?;
+        consumer.assign(&tpl).ok()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                if m.offset() == offset {
+                    return Some(m.payload().unwrap_or_default().to_vec());
+                }
+                if m.offset() > offset {
+                    return None;
+                }
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// Assigns every wanted partition at its next offset (positions survive reassignment).
-fn assign(
-    consumer: &StreamConsumer<QuietContext>,
-    positions: &HashMap<String, (Option<RoomName>, i64)>,
-) {
+fn assign(consumer: &StreamConsumer<QuietContext>, positions: &HashMap<String, Position>) {
     let mut tpl = TopicPartitionList::new();
-    for (topic, (_, next)) in positions {
-        if let Err(e) = tpl.add_partition_offset(topic, 0, Offset::Offset(*next)) {
+    for (topic, pos) in positions {
+        if let Err(e) = tpl.add_partition_offset(topic, 0, Offset::Offset(pos.next)) {
             tracing::warn!(error = %e, topic, "cannot assign");
         }
     }
