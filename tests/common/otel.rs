@@ -15,16 +15,9 @@ pub fn rotel_bin() -> Option<PathBuf> {
     super::venv_binary("rotel/rotel-agent")
 }
 
-/// True when rotel is available. Missing: panics under `CI=true`, else prints "skipping".
+/// True when rotel is available (see [`super::require`]).
 pub fn require_rotel() -> bool {
-    if rotel_bin().is_some() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but no rotel binary (run scripts/test to install it)");
-    }
-    eprintln!("skipping: no rotel binary (run scripts/test to install it)");
-    false
+    super::require(rotel_bin().is_some(), "rotel (set ROTEL_BIN)")
 }
 
 /// One span as the collector printed it.

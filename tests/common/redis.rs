@@ -27,19 +27,10 @@ pub fn require_redis() -> bool {
         std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
     };
-    let missing: Vec<&str> = ["redis-server", "redis-sentinel"]
-        .into_iter()
-        .filter(|b| !on_path(b))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but {} not on PATH", missing.join(", "));
-    }
-    let missing = missing.join(", ");
-    eprintln!("skipping: redis-server not installed ({missing} not on PATH)");
-    false
+    super::require(
+        on_path("redis-server") && on_path("redis-sentinel"),
+        "redis-server or redis-sentinel",
+    )
 }
 
 /// Sends one command to 127.0.0.1:`port` on a fresh connection; connect and reply are each
