@@ -30,34 +30,132 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address of the one HTTP listener (WebSocket, REST, health, metrics).
+    /// Address of the public HTTP listener (WebSocket, REST, health; metrics and stats too
+    /// unless `admin_listen` is set).
     pub listen: SocketAddr,
+    /// When set, `/metrics` and `/api/v1/stats` are served here and not on `listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
     /// Stable instance id; a random one is generated when empty.
     pub instance_id: String,
-    /// Serve the demo page at `/`. It hands out tokens to anyone (for development only).
-    pub demo: bool,
+    /// Serve the demo page at `/` and `/api/v1/demo/token`, which hands a token to anyone.
+    /// Unset: on only with the ephemeral development secret (empty `auth.jwt_secret`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub demo: Option<bool>,
+    /// WebSocket connections this instance holds at most; beyond, new ones are closed with 1013.
+    pub max_connections: usize,
+    /// Connections one user (`sub`) may hold on this instance; beyond, closed with 1013.
+    pub max_connections_per_user: usize,
+    /// WebSocket upgrades per second from one client address (token bucket); beyond, HTTP 429.
+    /// 0 turns the limit off.
+    pub connect_rate_per_ip: u32,
+    /// Bucket size of `connect_rate_per_ip`: upgrades one address may make in a burst.
+    pub connect_burst_per_ip: u32,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` / `Forwarded` header names the client address.
+    pub trusted_proxies: Vec<String>,
+    /// Browser origins allowed to open a WebSocket (`https://app.example.com`,
+    /// `https://*.example.com`, or `*` for any). Empty: same origin as the request's `Host`
+    /// only. Requests without `Origin` (non-browser clients) are not affected.
+    pub allowed_origins: Vec<String>,
+    /// Time a client has to send a complete request header, and the longest an idle
+    /// keep-alive connection is kept waiting for its next request.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: None,
             instance_id: String::new(),
-            demo: true,
+            demo: None,
+            max_connections: 50_000,
+            max_connections_per_user: 100,
+            connect_rate_per_ip: 20,
+            connect_burst_per_ip: 100,
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+impl ServerConfig {
+    /// Whether the demo page and token endpoint are served.
+    pub fn demo_enabled(&self, auth: &AuthConfig) -> bool {
+        self.demo.unwrap_or(!auth.has_keys())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// HS256 secret. Empty: `serve` generates an ephemeral one (development only).
+    /// HS256 secret, at least 32 bytes. Empty (and no public key): `serve` generates an
+    /// ephemeral one (development only).
     pub jwt_secret: String,
-    /// Keys accepted by `POST /api/v1/broadcast`.
+    /// Keys accepted by the server API (`POST /api/v1/broadcast`).
     pub api_keys: Vec<String>,
-    /// Clock skew tolerated on `exp`.
+    /// Clock skew tolerated on `exp` and `nbf` (also by the expiry sweep).
     #[serde(with = "humantime_serde")]
     pub jwt_leeway: Duration,
+    /// Required `iss` when set.
+    pub issuer: String,
+    /// Accepted `aud` values (a string or a list). When set, a token must carry one of them;
+    /// when empty, a token with an `aud` claim is refused.
+    #[serde(deserialize_with = "one_or_many")]
+    pub audience: Vec<String>,
+    /// Longest accepted token lifetime (`exp` - `iat`, or `exp` - now without `iat`).
+    #[serde(
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_token_lifetime: Option<Duration>,
+    /// PEM public key (RSA, EC P-256 or Ed25519) for RS256, ES256 or EdDSA tokens.
+    pub public_key_file: String,
+    /// JWKS endpoint (for example an OIDC provider's `jwks_uri`) for RS256, ES256, EdDSA tokens.
+    pub jwks_url: String,
+    /// How often the JWKS is fetched again.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            api_keys: Vec::new(),
+            jwt_leeway: Duration::ZERO,
+            issuer: String::new(),
+            audience: Vec::new(),
+            max_token_lifetime: None,
+            public_key_file: String::new(),
+            jwks_url: String::new(),
+            jwks_refresh: Duration::from_secs(300),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether tokens can be verified with configured keys (else `serve` makes a dev secret).
+    pub fn has_keys(&self) -> bool {
+        !self.jwt_secret.is_empty() || !self.public_key_file.is_empty() || !self.jwks_url.is_empty()
+    }
+}
+
+/// Accepts `"a"` as well as `["a", "b"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) if s.is_empty() => Vec::new(),
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +194,14 @@ pub struct WsConfig {
     pub ping_interval: Duration,
     /// Bad frames (binary, non-JSON, oversized) tolerated before the connection is closed.
     pub max_violations: u32,
+    /// Bytes queued per connection before the overflow policy applies (next to the count).
+    pub send_queue_max_bytes: usize,
+    /// Rooms one connection may be in; a join beyond gets `limit_exceeded`.
+    pub max_rooms_per_connection: usize,
+    /// Deepest nesting of arrays and objects in `data` and presence metas (`bad_request`).
+    pub max_json_depth: usize,
+    /// Largest presence meta, in bytes of JSON (`too_large`).
+    pub max_presence_bytes: usize,
 }
 
 impl Default for WsConfig {
@@ -109,6 +215,10 @@ impl Default for WsConfig {
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(25),
             max_violations: 3,
+            send_queue_max_bytes: 1024 * 1024,
+            max_rooms_per_connection: 128,
+            max_json_depth: 32,
+            max_presence_bytes: 2048,
         }
     }
 }
@@ -127,12 +237,16 @@ pub enum RoomPolicy {
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
     pub policy: RoomPolicy,
+    /// Presence entries one room holds at most (all instances); `track` beyond gets
+    /// `limit_exceeded`.
+    pub max_presence_per_room: usize,
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
         Self {
             policy: RoomPolicy::Allow,
+            max_presence_per_room: 1000,
         }
     }
 }
@@ -492,8 +606,73 @@ impl Config {
         if self.telemetry.span_queue_size == 0 {
             return Err(bad("telemetry.span_queue_size", "must be at least 1"));
         }
-        if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 8 {
-            return Err(bad("auth.jwt_secret", "must be at least 8 bytes"));
+        if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < MIN_SECRET_BYTES {
+            return Err(bad(
+                "auth.jwt_secret",
+                "must be at least 32 bytes (for example `openssl rand -hex 32`)",
+            ));
+        }
+        if self.auth.audience.iter().any(|a| a.is_empty()) {
+            return Err(bad("auth.audience", "values must not be empty"));
+        }
+        if self.auth.max_token_lifetime.is_some_and(|d| d.is_zero()) {
+            return Err(bad("auth.max_token_lifetime", "must be more than 0"));
+        }
+        if !self.auth.jwks_url.is_empty()
+            && !(self.auth.jwks_url.starts_with("https://")
+                || self.auth.jwks_url.starts_with("http://"))
+        {
+            return Err(bad("auth.jwks_url", "must be an http:// or https:// URL"));
+        }
+        if !self.auth.jwks_url.is_empty() && self.auth.jwks_refresh < Duration::from_secs(1) {
+            return Err(bad("auth.jwks_refresh", "must be at least 1s"));
+        }
+        if self.server.max_connections == 0 {
+            return Err(bad("server.max_connections", "must be at least 1"));
+        }
+        if self.server.max_connections_per_user == 0 {
+            return Err(bad("server.max_connections_per_user", "must be at least 1"));
+        }
+        if self.server.connect_rate_per_ip > 0 && self.server.connect_burst_per_ip == 0 {
+            return Err(bad("server.connect_burst_per_ip", "must be at least 1"));
+        }
+        for (i, cidr) in self.server.trusted_proxies.iter().enumerate() {
+            if crate::http::admission::parse_cidr(cidr).is_none() {
+                return Err(bad(
+                    &format!("server.trusted_proxies.{i}"),
+                    &format!("`{cidr}` is not an IP address or CIDR (e.g. 10.0.0.0/8)"),
+                ));
+            }
+        }
+        for (i, origin) in self.server.allowed_origins.iter().enumerate() {
+            if let Err(why) = crate::http::admission::OriginPattern::parse(origin) {
+                return Err(bad(&format!("server.allowed_origins.{i}"), &why));
+            }
+        }
+        if self.server.header_read_timeout.is_zero() {
+            return Err(bad("server.header_read_timeout", "must be more than 0"));
+        }
+        if self.server.admin_listen.is_some() && self.server.admin_listen == Some(self.server.listen)
+        {
+            return Err(bad("server.admin_listen", "must differ from server.listen"));
+        }
+        if self.ws.send_queue_max_bytes < self.ws.max_frame_bytes {
+            return Err(bad(
+                "ws.send_queue_max_bytes",
+                "must be at least ws.max_frame_bytes",
+            ));
+        }
+        if self.ws.max_rooms_per_connection == 0 {
+            return Err(bad("ws.max_rooms_per_connection", "must be at least 1"));
+        }
+        if !(2..=128).contains(&self.ws.max_json_depth) {
+            return Err(bad("ws.max_json_depth", "must be between 2 and 128"));
+        }
+        if self.ws.max_presence_bytes < 64 {
+            return Err(bad("ws.max_presence_bytes", "must be at least 64"));
+        }
+        if self.rooms.max_presence_per_room == 0 {
+            return Err(bad("rooms.max_presence_per_room", "must be at least 1"));
         }
         if self.auth.api_keys.iter().any(|k| k.is_empty()) {
             return Err(bad("auth.api_keys", "keys must not be empty"));
@@ -537,6 +716,9 @@ impl Config {
 }
 
 const REDACTED: &str = "<redacted>";
+
+/// Shortest accepted HS256 secret (RFC 7518 3.2: a key at least as long as the hash).
+pub const MIN_SECRET_BYTES: usize = 32;
 
 #[cfg(test)]
 mod tests {

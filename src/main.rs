@@ -118,7 +118,16 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         config.server.instance_id = format!("rtg-{:08x}", rand::rng().random::<u32>());
     }
     let _telemetry = rtgate::telemetry::init(&config.telemetry, &config.server.instance_id)?;
-    let dev_secret = config.auth.jwt_secret.is_empty();
+    // Demo mode hands a token to anyone: on by itself only with the development secret.
+    let dev_secret = !config.auth.has_keys();
+    let demo = config.server.demo_enabled(&config.auth);
+    if demo && !dev_secret {
+        tracing::warn!(
+            "server.demo = true with configured keys: /api/v1/demo/token signs a token for any \
+             user id; never run this in production"
+        );
+    }
+    config.server.demo = Some(demo);
     if dev_secret {
         let bytes: [u8; 24] = rand::rng().random();
         config.auth.jwt_secret = bytes.iter().map(|b| format!("{b:02x}")).collect();

@@ -1,5 +1,7 @@
 //! HTTP surface: WebSocket upgrade, REST, health and metrics.
 
+pub mod admission;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -31,7 +33,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
-    if gw.config.server.demo {
+    if gw.config.server.demo == Some(true) {
         router = router
             .route("/", get(demo::page))
             .route("/demo/rtgate.js", get(demo::sdk))
@@ -44,9 +46,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 mod demo {
     use super::*;
 
-    const PAGE: &str = include_str!("demo/index.html");
+    const PAGE: &str = include_str!("../demo/index.html");
     /// `sdk/js` built by `npm run build`; committed so that the binary builds without Node.
-    const SDK: &str = include_str!("../sdk/js/dist/rtgate.browser.js");
+    const SDK: &str = include_str!("../../sdk/js/dist/rtgate.browser.js");
 
     pub async fn page() -> Response {
         axum::response::Html(PAGE).into_response()
