@@ -761,7 +761,7 @@ mod tests {
 
     #[test]
     fn redaction_hides_secrets() {
-        let c = Config::from_toml_str("[auth]\njwt_secret = \"supersecret\"\napi_keys = [\"k1\"]")
+        let c = Config::from_toml_str("[auth]\njwt_secret = \"supersecret-supersecret-supersecret\"\napi_keys = [\"k1\"]")
             .unwrap();
         let shown = c.to_redacted_toml();
         assert!(
