@@ -768,7 +768,9 @@ mod tests {
             !shown.contains("supersecret") && !shown.contains("\"k1\""),
             "{shown}"
         );
-        let back = Config::from_toml_str(&shown).unwrap();
-        assert_eq!(back.auth.api_keys.len(), 1);
+        // Still valid TOML with every key in place (a redacted secret is too short to load).
+        let back: toml::Table = shown.parse().unwrap();
+        assert_eq!(back["auth"]["api_keys"].as_array().unwrap().len(), 1);
+        assert_eq!(back["auth"]["jwt_secret"].as_str(), Some(REDACTED));
     }
 }
