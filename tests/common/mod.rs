@@ -26,7 +26,7 @@ pub mod kafka;
 pub mod otel;
 pub mod redis;
 
-pub const SECRET: &str = "test-secret";
+pub const SECRET: &str = "test-secret-of-at-least-32-bytes";
 pub const API_KEY: &str = "test-api-key";
 
 /// Default short wait for a frame that is expected to arrive.
@@ -39,8 +39,11 @@ const BASE_TOML: &str = r#"
 [server]
 listen = "127.0.0.1:0"
 
+# Tests open many connections from one address quickly.
+connect_rate_per_ip = 0
+
 [auth]
-jwt_secret = "test-secret"
+jwt_secret = "test-secret-of-at-least-32-bytes"
 api_keys = ["test-api-key"]
 
 [ws]
