@@ -24,6 +24,7 @@ pub enum ErrorCode {
     RateLimited,
     HistoryGap,
     Unavailable,
+    LimitExceeded,
 }
 
 impl ErrorCode {
@@ -37,6 +38,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::HistoryGap => "history_gap",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::LimitExceeded => "limit_exceeded",
         }
     }
 }
@@ -44,13 +46,57 @@ impl ErrorCode {
 /// Longest room name, in bytes.
 pub const MAX_ROOM_LEN: usize = 200;
 
-/// A room name is 1 to 200 bytes of `[A-Za-z0-9:_.@-]`.
+/// Longest room name once escaped for a Kafka topic (`rt.room.<escaped>.v1`, 249 bytes at most;
+/// every byte but `[A-Za-z0-9-]` takes three). Checked for every broker, so that a room valid on
+/// one backend is valid on all.
+pub const MAX_ESCAPED_ROOM_LEN: usize = 249 - "rt.room.".len() - ".v1".len();
+
+/// What a room name must be, for error messages.
+pub const ROOM_RULE: &str = "room names are 1 to 200 bytes of [A-Za-z0-9:_.@-], at most 238 once \
+     every byte but [A-Za-z0-9-] counts three";
+
+/// A room name is 1 to 200 bytes of `[A-Za-z0-9:_.@-]` that fits a Kafka topic name.
 pub fn valid_room(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_ROOM_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'.' | b'@' | b'-'))
+    let mut escaped = 0;
+    for b in name.bytes() {
+        escaped += match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' => 1,
+            b':' | b'_' | b'.' | b'@' => 3,
+            _ => return false,
+        };
+    }
+    !name.is_empty() && name.len() <= MAX_ROOM_LEN && escaped <= MAX_ESCAPED_ROOM_LEN
+}
+
+/// Whether JSON text nests arrays and objects deeper than `max` (a top-level object is depth 1).
+/// Runs over text serde already accepted as JSON, so only strings need care.
+pub fn json_too_deep(json: &str, max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// A frame from a client, parsed without copying `data` or `ref`.
@@ -217,6 +263,21 @@ mod tests {
         assert!(!valid_room("public:lob by"));
         assert!(!valid_room("room/1"));
         assert!(!valid_room("caf\u{e9}"));
+        // 200 bytes, but 600 once escaped for Kafka.
+        assert!(!valid_room(&":".repeat(200)));
+        assert!(valid_room(&":".repeat(79)));
+        assert!(!valid_room(&":".repeat(80)));
+    }
+
+    #[test]
+    fn json_depth() {
+        assert!(!json_too_deep(r#"{"a":{"b":[1,2]}}"#, 3));
+        assert!(json_too_deep(r#"{"a":{"b":[1,2]}}"#, 2));
+        assert!(!json_too_deep(r#"{"a":"[[[[{{{{"}"#, 1), "brackets inside strings");
+        assert!(!json_too_deep(r#"{"a":"\"[[[["}"#, 1), "escaped quote");
+        assert!(!json_too_deep(r#"{"a":"\\","b":1}"#, 1), "escaped backslash");
+        let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+        assert!(json_too_deep(&deep, 32));
     }
 
     #[test]

@@ -372,7 +372,7 @@ impl Connection {
         if !valid_room(room) {
             return Err(Refusal::new(
                 ErrorCode::BadRequest,
-                "room names are 1 to 200 bytes of [A-Za-z0-9:_.@-]",
+                crate::protocol::ROOM_RULE,
             ));
         }
         if !may_access(&self.session.identity, room, self.gw.config.rooms.policy) {

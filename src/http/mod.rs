@@ -174,7 +174,7 @@ async fn broadcast(
         return api_error(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "room names are 1 to 200 bytes of [A-Za-z0-9:_.@-]",
+            crate::protocol::ROOM_RULE,
         );
     }
     let kind = match req.kind.as_str() {
