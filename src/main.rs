@@ -141,6 +141,14 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let local = listener.local_addr()?;
+    let admin_listener = match config.server.admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (server.admin_listen)"))?,
+        ),
+        None => None,
+    };
 
     let hub = Arc::new(Hub::new(
         config.server.instance_id.as_str().into(),
@@ -199,7 +207,10 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     if let Err(e) = gw.broker.heartbeat(&gw.instance_info()).await {
         tracing::warn!(error = %e, "first heartbeat failed; retrying in the background");
     }
-    // Tools and tests read this line to find the port.
+    // Tools and tests read these lines to find the ports.
+    if let Some(admin) = &admin_listener {
+        println!("rtgate admin listening on http://{}", admin.local_addr()?);
+    }
     println!("rtgate {} listening on http://{local}", rtgate::VERSION);
     let connect_host = if local.ip().is_unspecified() {
         format!("127.0.0.1:{}", local.port())
@@ -227,17 +238,33 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             drained.cancel();
         }
     };
-    // Frames are small and latency-bound: never hold them back for coalescing (Nagle).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, rtgate::http::router(gw.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("HTTP server failed")?;
+    let header_timeout = config.server.header_read_timeout;
+    let admin = match admin_listener {
+        Some(listener) => {
+            let app = rtgate::http::admin_router(gw.clone());
+            let stop = stop.clone();
+            Some(tokio::spawn(rtgate::http::serve(
+                listener,
+                app,
+                header_timeout,
+                async move { stop.cancelled().await },
+            )))
+        }
+        None => None,
+    };
+    rtgate::http::serve(
+        listener,
+        rtgate::http::router(gw.clone()),
+        header_timeout,
+        shutdown,
+    )
+    .await;
     drained.cancelled().await;
     stop.cancel();
     let _ = maintenance.await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

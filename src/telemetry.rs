@@ -113,6 +113,14 @@ pub mod metric {
             "Requests refused by the per-connection rate limit"
         );
         describe_counter!(
+            "rtgate_connections_refused_total",
+            "WebSocket clients refused, by reason (connect_rate, origin, auth, max_connections, max_connections_per_user)"
+        );
+        describe_counter!(
+            "rtgate_limit_exceeded_total",
+            "Requests refused by a configured limit, by limit"
+        );
+        describe_counter!(
             "rtgate_bad_frames_total",
             "Malformed, binary or oversized client frames"
         );
@@ -170,6 +178,16 @@ pub mod metric {
 
     pub fn dropped(policy: OverflowPolicy) {
         counter!("rtgate_dropped_frames_total", "policy" => policy.as_str()).increment(1);
+    }
+
+    /// A client refused at the door (`reason`: which check).
+    pub fn connection_refused(reason: &'static str) {
+        counter!("rtgate_connections_refused_total", "reason" => reason).increment(1);
+    }
+
+    /// A request refused by a configured limit (`limit`: which one).
+    pub fn limit_exceeded(limit: &'static str) {
+        counter!("rtgate_limit_exceeded_total", "limit" => limit).increment(1);
     }
 
     pub fn rate_limited() {

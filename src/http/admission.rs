@@ -3,12 +3,16 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::http::{HeaderMap, header};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
 
 use crate::config::ServerConfig;
+
+/// Addresses tracked by the connect-rate limiter before idle ones are forgotten.
+const FORGET_AT: usize = 10_000;
 
 /// `10.0.0.0/8`, `2001:db8::/32`, or a single address.
 pub fn parse_cidr(text: &str) -> Option<IpNet> {
@@ -113,6 +117,8 @@ pub struct Admission {
     trusted_proxies: Vec<IpNet>,
     origins: Vec<OriginPattern>,
     connect_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Table size at which idle addresses are forgotten next.
+    forget_at: AtomicUsize,
 }
 
 impl Admission {
@@ -134,6 +140,7 @@ impl Admission {
                 .filter_map(|o| OriginPattern::parse(o).ok())
                 .collect(),
             connect_rate,
+            forget_at: AtomicUsize::new(FORGET_AT),
         }
     }
 
@@ -181,10 +188,18 @@ impl Admission {
         if !self.origin_allowed(headers) {
             return Err(Refused::Origin);
         }
-        if let Some(limiter) = &self.connect_rate
-            && limiter.check_key(&rate_key(client)).is_err()
-        {
-            return Err(Refused::ConnectRate);
+        if let Some(limiter) = &self.connect_rate {
+            if limiter.len() >= self.forget_at.load(Ordering::Relaxed) {
+                // Many addresses seen: drop those whose bucket is full again. Next time at
+                // twice what is left, so a flood of addresses costs amortized O(1) per check.
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+                let next = (limiter.len() * 2).max(FORGET_AT);
+                self.forget_at.store(next, Ordering::Relaxed);
+            }
+            if limiter.check_key(&rate_key(client)).is_err() {
+                return Err(Refused::ConnectRate);
+            }
         }
         Ok(())
     }
@@ -218,13 +233,6 @@ impl Admission {
         self.origins.iter().any(|p| p.matches(&origin))
     }
 
-    /// Forgets addresses whose bucket is full again, so the table stays small.
-    pub fn forget_idle(&self) {
-        if let Some(limiter) = &self.connect_rate {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
-        }
-    }
 }
 
 /// IPv4-mapped IPv6 addresses count as IPv4.

@@ -1,12 +1,15 @@
 //! HTTP surface: WebSocket upgrade, REST, health and metrics.
 
 pub mod admission;
+mod server;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,21 +21,33 @@ use serde_json::value::RawValue;
 use crate::auth::AuthError;
 use crate::broker::{MessageKind, RoomMessage, RoomName};
 use crate::gateway::{Gateway, session, unavailable_message};
-use crate::protocol::{close, is_object, now_ms, valid_room};
+use crate::protocol::{close, is_object, json_too_deep, now_ms, valid_room};
+use crate::telemetry::metric;
+use admission::{Admission, Refused};
 
 /// Bytes the server reads per socket read; small, so idle connections stay small.
 const WS_READ_BUFFER: usize = 256;
 /// Frames are written once this much is buffered, or when the send queue is drained.
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 
+pub use server::serve;
+
+/// The public listener's routes. `/metrics` and `/api/v1/stats` are here too unless
+/// `server.admin_listen` moves them to [`admin_router`].
 pub fn router(gw: Arc<Gateway>) -> Router {
     let mut router = Router::new()
-        .route("/api/v1/ws", get(websocket))
+        .route(
+            "/api/v1/ws",
+            get(websocket).layer(Extension(Arc::new(Admission::new(&gw.config.server)))),
+        )
         .route("/api/v1/broadcast", post(broadcast))
-        .route("/api/v1/stats", get(stats))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/readyz", get(readyz));
+    if gw.config.server.admin_listen.is_none() {
+        router = router
+            .route("/api/v1/stats", get(stats))
+            .route("/metrics", get(metrics));
+    }
     if gw.config.server.demo == Some(true) {
         router = router
             .route("/", get(demo::page))
@@ -40,6 +55,16 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             .route("/api/v1/demo/token", get(demo::token));
     }
     router.with_state(gw)
+}
+
+/// The admin listener's routes (`server.admin_listen`): operators only.
+pub fn admin_router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/api/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(gw)
 }
 
 /// The demo page (`server.demo`): a chat built on the JavaScript SDK, bundled into the binary.
@@ -97,12 +122,32 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 async fn websocket(
     State(gw): State<Arc<Gateway>>,
+    Extension(admission): Extension<Arc<Admission>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if gw.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    // Cheap refusals first, before any token is parsed or state created.
+    let client = admission.client_ip(peer, &headers);
+    if let Err(refused) = admission.check(client, &headers) {
+        metric::connection_refused(refused.as_str());
+        tracing::debug!(%client, reason = refused.as_str(), "upgrade refused");
+        return match refused {
+            Refused::ConnectRate => api_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many connections from this address, retry later",
+            ),
+            Refused::Origin => api_error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this origin may not connect (server.allowed_origins)",
+            ),
+        };
     }
     let max_frame = gw.config.ws.max_frame_bytes;
     // Frames up to 4x the limit are read and answered with `too_large`; beyond, the
@@ -124,6 +169,7 @@ async fn websocket(
                 AuthError::Expired => "token expired".to_string(),
                 AuthError::Invalid(_) => "invalid token".to_string(),
             };
+            metric::connection_refused("auth");
             tracing::debug!(error = %e, "websocket authentication failed");
             upgrade.on_upgrade(move |socket| session::reject(socket, close::POLICY, reason))
         }
@@ -154,7 +200,7 @@ fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
 async fn broadcast(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
     match bearer(&headers) {
         Some(key) if gw.auth.is_api_key(key) => {}
@@ -166,6 +212,16 @@ async fn broadcast(
             );
         }
     }
+    // Read only once the caller is known, and no more than a WebSocket frame may carry.
+    let max = gw.config.ws.max_frame_bytes;
+    let Ok(body) = axum::body::to_bytes(body, max).await else {
+        metric::limit_exceeded("body_bytes");
+        return api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is over the {max}-byte limit (ws.max_frame_bytes)"),
+        );
+    };
     let req: BroadcastRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
@@ -193,6 +249,15 @@ async fn broadcast(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "`data` must be an object",
+        );
+    }
+    let depth = gw.config.ws.max_json_depth;
+    if json_too_deep(req.data.get(), depth) {
+        metric::limit_exceeded("json_depth");
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("`data` nests deeper than {depth} levels (ws.max_json_depth)"),
         );
     }
     let msg = RoomMessage {
