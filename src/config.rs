@@ -652,7 +652,10 @@ impl Config {
         if self.server.header_read_timeout.is_zero() {
             return Err(bad("server.header_read_timeout", "must be more than 0"));
         }
-        if self.server.admin_listen.is_some() && self.server.admin_listen == Some(self.server.listen)
+        if self
+            .server
+            .admin_listen
+            .is_some_and(|admin| admin == self.server.listen && admin.port() != 0)
         {
             return Err(bad("server.admin_listen", "must differ from server.listen"));
         }
@@ -761,8 +764,10 @@ mod tests {
 
     #[test]
     fn redaction_hides_secrets() {
-        let c = Config::from_toml_str("[auth]\njwt_secret = \"supersecret-supersecret-supersecret\"\napi_keys = [\"k1\"]")
-            .unwrap();
+        let c = Config::from_toml_str(
+            "[auth]\njwt_secret = \"supersecret-supersecret-supersecret\"\napi_keys = [\"k1\"]",
+        )
+        .unwrap();
         let shown = c.to_redacted_toml();
         assert!(
             !shown.contains("supersecret") && !shown.contains("\"k1\""),

@@ -209,7 +209,10 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     }
     // Tools and tests read these lines to find the ports.
     if let Some(admin) = &admin_listener {
-        println!("rtgate admin listening on http://{}", admin.local_addr()?);
+        println!(
+            "rtgate admin endpoints (metrics, stats) at http://{}",
+            admin.local_addr()?
+        );
     }
     println!("rtgate {} listening on http://{local}", rtgate::VERSION);
     let connect_host = if local.ip().is_unspecified() {

@@ -273,9 +273,15 @@ mod tests {
     fn json_depth() {
         assert!(!json_too_deep(r#"{"a":{"b":[1,2]}}"#, 3));
         assert!(json_too_deep(r#"{"a":{"b":[1,2]}}"#, 2));
-        assert!(!json_too_deep(r#"{"a":"[[[[{{{{"}"#, 1), "brackets inside strings");
+        assert!(
+            !json_too_deep(r#"{"a":"[[[[{{{{"}"#, 1),
+            "brackets inside strings"
+        );
         assert!(!json_too_deep(r#"{"a":"\"[[[["}"#, 1), "escaped quote");
-        assert!(!json_too_deep(r#"{"a":"\\","b":1}"#, 1), "escaped backslash");
+        assert!(
+            !json_too_deep(r#"{"a":"\\","b":1}"#, 1),
+            "escaped backslash"
+        );
         let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
         assert!(json_too_deep(&deep, 32));
     }

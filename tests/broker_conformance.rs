@@ -212,7 +212,8 @@ async fn presence_is_shared_and_diffed(a: &Instance, b: &Instance) {
         conn_id: "a:1".into(),
         meta: Arc::from(raw(r#"{"status":"online","session_id":"a:1"}"#)),
     };
-    a.broker.track(&room, entry).await.unwrap();
+    let tracked = a.broker.track(&room, entry, 1000).await.unwrap();
+    assert_eq!(tracked, rtgate::broker::Tracked::Stored);
     for inst in [a, b] {
         inst.sink
             .wait("join diff", |s| {

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::wire::{self, WireMessage};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
-    RoomEvent, RoomMessage, RoomName, Subscribed,
+    RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 use crate::config::KafkaConfig;
 
@@ -372,8 +372,13 @@ impl Broker for KafkaBroker {
 
     fn unsubscribe_user(&self, _user: &Arc<str>) {}
 
-    async fn track(&self, room: &RoomName, entry: PresenceEntry) -> Result<(), BrokerError> {
-        self.side.track(room, entry).await
+    async fn track(
+        &self,
+        room: &RoomName,
+        entry: PresenceEntry,
+        max_entries: usize,
+    ) -> Result<Tracked, BrokerError> {
+        self.side.track(room, entry, max_entries).await
     }
 
     async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {

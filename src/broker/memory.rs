@@ -8,7 +8,7 @@ use futures_util::FutureExt;
 
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceDiff,
-    PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed,
+    PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 
 #[derive(Default)]
@@ -143,14 +143,23 @@ impl Broker for MemoryBroker {
         self.users.lock().unwrap().remove(user);
     }
 
-    async fn track(&self, room: &RoomName, entry: PresenceEntry) -> Result<(), BrokerError> {
+    async fn track(
+        &self,
+        room: &RoomName,
+        entry: PresenceEntry,
+        max_entries: usize,
+    ) -> Result<Tracked, BrokerError> {
         let replaced = {
             let mut presence = self.presence.lock().unwrap();
             let entries = presence.entry(room.clone()).or_default();
-            let old = entries
-                .iter()
-                .position(|e| e.conn_id == entry.conn_id)
-                .map(|i| entries.swap_remove(i));
+            let old = entries.iter().position(|e| e.conn_id == entry.conn_id);
+            if old.is_none() && entries.len() >= max_entries {
+                if entries.is_empty() {
+                    presence.remove(room);
+                }
+                return Ok(Tracked::RoomFull);
+            }
+            let old = old.map(|i| entries.swap_remove(i));
             entries.push(entry.clone());
             old
         };
@@ -159,7 +168,7 @@ impl Broker for MemoryBroker {
             joins: vec![entry],
             leaves: replaced.into_iter().collect(),
         });
-        Ok(())
+        Ok(Tracked::Stored)
     }
 
     async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {

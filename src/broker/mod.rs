@@ -136,6 +136,15 @@ pub struct PresenceDiff {
     pub leaves: Vec<PresenceEntry>,
 }
 
+/// What `track` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracked {
+    /// Added, or replaced this connection's earlier entry.
+    Stored,
+    /// The room is at its presence limit; nothing changed.
+    RoomFull,
+}
+
 /// What `since` replay found.
 #[derive(Debug, Default)]
 pub struct History {
@@ -211,8 +220,14 @@ pub trait Broker: Send + Sync + 'static {
 
     fn unsubscribe_user(&self, user: &Arc<str>);
 
-    /// Adds or replaces a connection's presence and announces the diff to the room everywhere.
-    async fn track(&self, room: &RoomName, entry: PresenceEntry) -> Result<(), BrokerError>;
+    /// Adds or replaces a connection's presence and announces the diff to the room everywhere,
+    /// unless the room already holds `max_entries` others (checked atomically with the add).
+    async fn track(
+        &self,
+        room: &RoomName,
+        entry: PresenceEntry,
+        max_entries: usize,
+    ) -> Result<Tracked, BrokerError>;
 
     /// Removes a connection's presence (if any) and announces the diff.
     async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError>;

@@ -21,7 +21,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::wire::{self, WireMessage, WirePresence, WirePresenceDiff};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceDiff,
-    PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed,
+    PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 use crate::config::RedisConfig;
 
@@ -72,10 +72,13 @@ redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[3], 2)
 return id
 "#;
 
-/// Adds or replaces a connection's presence and announces the diff on the room channel.
-/// KEYS: presence hash, instance index, room channel. ARGV: conn id, entry JSON, index member.
+/// Adds or replaces a connection's presence and announces the diff on the room channel, unless
+/// the room holds ARGV[4] other entries already (then returns 0).
+/// KEYS: presence hash, instance index, room channel. ARGV: conn id, entry JSON, index member,
+/// most entries.
 const TRACK_SCRIPT: &str = r#"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 local leaves = ''
@@ -371,7 +374,12 @@ impl Broker for RedisBroker {
         self.send_command(Command::UnsubscribeUser(user.clone()));
     }
 
-    async fn track(&self, room: &RoomName, entry: PresenceEntry) -> Result<(), BrokerError> {
+    async fn track(
+        &self,
+        room: &RoomName,
+        entry: PresenceEntry,
+        max_entries: usize,
+    ) -> Result<Tracked, BrokerError> {
         let mut conn = self.master()?;
         let stored = serde_json::to_string(&WirePresence {
             user_id: std::borrow::Cow::Borrowed(&entry.user_id),
@@ -379,7 +387,7 @@ impl Broker for RedisBroker {
             meta: &entry.meta,
         })
         .map_err(|e| BrokerError::Other(e.to_string()))?;
-        redis::cmd("EVAL")
+        let stored = redis::cmd("EVAL")
             .arg(TRACK_SCRIPT)
             .arg(3)
             .arg(names::presence(room))
@@ -388,10 +396,15 @@ impl Broker for RedisBroker {
             .arg(&*entry.conn_id)
             .arg(stored)
             .arg(format!("{room}\n{}", entry.conn_id))
+            .arg(max_entries)
             .query_async::<i64>(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
-        Ok(())
+        Ok(if stored == 1 {
+            Tracked::Stored
+        } else {
+            Tracked::RoomFull
+        })
     }
 
     async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {

@@ -95,6 +95,38 @@ pub struct Hub {
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
 }
 
+/// How many connections an instance and one user on it may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub per_instance: usize,
+    pub per_user: usize,
+}
+
+/// Which connection limit refused a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionLimit {
+    Instance,
+    User,
+}
+
+impl ConnectionLimit {
+    /// The metric label (the config key's last part).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionLimit::Instance => "max_connections",
+            ConnectionLimit::User => "max_connections_per_user",
+        }
+    }
+
+    /// The close reason the client gets.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ConnectionLimit::Instance => "connection limit of this instance reached",
+            ConnectionLimit::User => "connection limit of this user reached",
+        }
+    }
+}
+
 /// What `Hub::join` did.
 pub struct Joined {
     pub subscribed: Shared<Subscribed>,
@@ -220,18 +252,29 @@ impl Hub {
         }
     }
 
-    /// Registers `session`; the first connection of a user subscribes the user's direct messages.
-    fn add_session(&self, broker: &dyn Broker, session: &Arc<Session>) -> Option<Subscribed> {
-        self.sessions
-            .lock()
-            .unwrap()
-            .insert(session.id, session.clone());
-        metric::connections_changed(1);
+    /// Registers `session` unless a connection limit is reached; the first connection of a
+    /// user subscribes the user's direct messages.
+    fn add_session(
+        &self,
+        broker: &dyn Broker,
+        session: &Arc<Session>,
+        limits: ConnectionLimits,
+    ) -> Result<Option<Subscribed>, ConnectionLimit> {
+        // Both locks at once, so concurrent connects cannot overshoot either limit.
         let mut users = self.users.write().unwrap();
+        let mut sessions = self.sessions.lock().unwrap();
+        if sessions.len() >= limits.per_instance {
+            return Err(ConnectionLimit::Instance);
+        }
         let user = &session.identity.user_id;
         let list = users.entry(user.clone()).or_default();
+        if list.len() >= limits.per_user {
+            return Err(ConnectionLimit::User);
+        }
         list.push(session.clone());
-        (list.len() == 1).then(|| broker.subscribe_user(user))
+        sessions.insert(session.id, session.clone());
+        metric::connections_changed(1);
+        Ok((list.len() == 1).then(|| broker.subscribe_user(user)))
     }
 
     fn remove_session(&self, broker: &dyn Broker, session: &Session) {
@@ -250,9 +293,10 @@ impl Hub {
     }
 
     /// Pings quiet connections, closes silent ones and those whose token expired.
-    pub fn sweep(&self, idle_timeout: Duration, ping_interval: Duration) {
+    /// Tokens count as expired `leeway` after their `exp`, as at connect.
+    pub fn sweep(&self, idle_timeout: Duration, ping_interval: Duration, leeway: Duration) {
         let now = self.now_ms();
-        let now_unix = crate::protocol::now_ms() / 1000;
+        let now_unix = (crate::protocol::now_ms() / 1000).saturating_sub(leeway.as_secs());
         for session in self.sessions() {
             let quiet = now.saturating_sub(session.last_seen_ms.load(Ordering::Relaxed));
             if quiet >= idle_timeout.as_millis() as u64 {
@@ -436,21 +480,32 @@ impl Gateway {
         }
     }
 
-    /// Registers a new connection.
-    fn open_session(&self, identity: Identity) -> (Arc<Session>, Option<Subscribed>) {
+    /// Registers a new connection, unless a connection limit refuses it.
+    fn open_session(
+        &self,
+        identity: Identity,
+    ) -> Result<(Arc<Session>, Option<Subscribed>), ConnectionLimit> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let ws = &self.config.ws;
         let session = Arc::new(Session {
             id,
             public_id: format!("{}:{id}", self.instance_id()).into(),
             identity,
-            queue: SendQueue::new(ws.send_queue_max, ws.overflow_policy),
+            queue: SendQueue::new(
+                ws.send_queue_max,
+                ws.send_queue_max_bytes,
+                ws.overflow_policy,
+            ),
             last_seen_ms: AtomicU64::new(self.hub.now_ms()),
             ping_outstanding: AtomicBool::new(false),
             closing: tokio::sync::Notify::new(),
         });
-        let user_subscribed = self.hub.add_session(&*self.broker, &session);
-        (session, user_subscribed)
+        let limits = ConnectionLimits {
+            per_instance: self.config.server.max_connections,
+            per_user: self.config.server.max_connections_per_user,
+        };
+        let user_subscribed = self.hub.add_session(&*self.broker, &session, limits)?;
+        Ok((session, user_subscribed))
     }
 
     /// Records that the client sent something.
@@ -509,7 +564,11 @@ impl Gateway {
                 _ = stop.cancelled() => return,
             }
             let ws = &self.config.ws;
-            self.hub.sweep(ws.idle_timeout, ws.ping_interval);
+            self.hub.sweep(
+                ws.idle_timeout,
+                ws.ping_interval,
+                self.config.auth.jwt_leeway,
+            );
             metric::broker_ready(self.broker.is_ready());
             if let Some(t) = last_heartbeat {
                 metric::heartbeat_age(t.elapsed());

@@ -39,6 +39,8 @@ struct Queued {
 #[derive(Default)]
 struct Inner {
     frames: VecDeque<Queued>,
+    /// Bytes of the queued frames.
+    bytes: usize,
     ping: bool,
     close: Option<CloseFrame>,
     /// The writer took the close frame: nothing more will be written.
@@ -59,16 +61,31 @@ pub struct SendQueue {
     /// Signalled when the writer takes frames: the reader may be waiting for room.
     space: Notify,
     max: usize,
+    max_bytes: usize,
     policy: OverflowPolicy,
 }
 
+impl Inner {
+    /// Whether `incoming` more bytes would overflow the frame count or the byte budget. A
+    /// frame larger than the whole budget still goes into an empty queue.
+    fn is_full(&self, max: usize, max_bytes: usize, incoming: usize) -> bool {
+        self.frames.len() >= max || (self.bytes > 0 && self.bytes + incoming > max_bytes)
+    }
+
+    fn has_room(&self, max: usize, max_bytes: usize) -> bool {
+        self.frames.len() < max && self.bytes < max_bytes
+    }
+}
+
 impl SendQueue {
-    pub fn new(max: usize, policy: OverflowPolicy) -> Self {
+    /// A queue of at most `max` frames and `max_bytes` bytes (replies excepted).
+    pub fn new(max: usize, max_bytes: usize, policy: OverflowPolicy) -> Self {
         Self {
             inner: Mutex::default(),
             wake: Notify::new(),
             space: Notify::new(),
             max,
+            max_bytes,
             policy,
         }
     }
@@ -83,21 +100,25 @@ impl SendQueue {
             return Pushed::Closed;
         }
         let mut outcome = Pushed::Queued;
-        if q.frames.len() >= self.max {
+        if q.is_full(self.max, self.max_bytes, frame.len()) {
             match self.policy {
                 OverflowPolicy::DropOldest => {
-                    match q.frames.iter().position(|f| !f.reply) {
-                        Some(oldest) => {
-                            q.frames.remove(oldest);
+                    // Oldest first, until the new frame fits; replies stay.
+                    while q.is_full(self.max, self.max_bytes, frame.len()) {
+                        let Some(oldest) = q.frames.iter().position(|f| !f.reply) else {
+                            // Only replies queued: this frame is the one dropped.
+                            return Pushed::Dropped;
+                        };
+                        if let Some(old) = q.frames.remove(oldest) {
+                            q.bytes -= old.frame.len();
                         }
-                        // Only replies queued: they stay, and this frame is the one dropped.
-                        None => return Pushed::Dropped,
                     }
                     outcome = Pushed::Dropped;
                 }
                 OverflowPolicy::DropNew => return Pushed::Dropped,
                 OverflowPolicy::Disconnect => {
                     q.frames.clear();
+                    q.bytes = 0;
                     q.close = Some(CloseFrame {
                         code: close::TRY_AGAIN_LATER,
                         reason: Utf8Bytes::from_static("slow consumer"),
@@ -108,6 +129,7 @@ impl SendQueue {
                 }
             }
         }
+        q.bytes += frame.len();
         q.frames.push_back(Queued {
             frame,
             reply: false,
@@ -125,6 +147,7 @@ impl SendQueue {
         if q.close.is_some() {
             return;
         }
+        q.bytes += frame.len();
         q.frames.push_back(Queued { frame, reply: true });
         drop(q);
         self.wake.notify_one();
@@ -137,7 +160,7 @@ impl SendQueue {
             let space = self.space.notified();
             {
                 let q = self.inner.lock().unwrap();
-                if q.frames.len() < self.max || q.close.is_some() {
+                if q.has_room(self.max, self.max_bytes) || q.close.is_some() {
                     return;
                 }
             }
@@ -164,6 +187,7 @@ impl SendQueue {
         }
         if discard_pending {
             q.frames.clear();
+            q.bytes = 0;
         }
         q.close = Some(CloseFrame {
             code,
@@ -197,6 +221,7 @@ impl SendQueue {
                 }
                 if !q.frames.is_empty() || q.ping || q.close.is_some() {
                     batch.frames.extend(q.frames.drain(..).map(|f| f.frame));
+                    q.bytes = 0;
                     batch.ping = std::mem::take(&mut q.ping);
                     batch.close = q.close.clone();
                     q.finished = q.close.is_some();
@@ -230,7 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn drop_oldest_keeps_newest() {
-        let q = SendQueue::new(2, OverflowPolicy::DropOldest);
+        let q = SendQueue::new(2, usize::MAX, OverflowPolicy::DropOldest);
         assert_eq!(q.push(f("1")), Pushed::Queued);
         assert_eq!(q.push(f("2")), Pushed::Queued);
         assert_eq!(q.push(f("3")), Pushed::Dropped);
@@ -239,7 +264,7 @@ mod tests {
 
     #[tokio::test]
     async fn drop_oldest_never_drops_a_reply() {
-        let q = SendQueue::new(2, OverflowPolicy::DropOldest);
+        let q = SendQueue::new(2, usize::MAX, OverflowPolicy::DropOldest);
         q.push_reply(f("ack"));
         q.push(f("1"));
         assert_eq!(q.push(f("2")), Pushed::Dropped);
@@ -248,7 +273,7 @@ mod tests {
 
     #[tokio::test]
     async fn drop_new_keeps_oldest() {
-        let q = SendQueue::new(2, OverflowPolicy::DropNew);
+        let q = SendQueue::new(2, usize::MAX, OverflowPolicy::DropNew);
         q.push(f("1"));
         q.push(f("2"));
         assert_eq!(q.push(f("3")), Pushed::Dropped);
@@ -257,7 +282,7 @@ mod tests {
 
     #[tokio::test]
     async fn disconnect_closes_with_1013() {
-        let q = SendQueue::new(1, OverflowPolicy::Disconnect);
+        let q = SendQueue::new(1, usize::MAX, OverflowPolicy::Disconnect);
         q.push(f("1"));
         assert_eq!(q.push(f("2")), Pushed::Overflowed);
         assert_eq!(q.push(f("3")), Pushed::Closed);
@@ -269,8 +294,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn byte_budget_applies_the_policy() {
+        // 10 frames allowed, but only 6 bytes.
+        let q = SendQueue::new(10, 6, OverflowPolicy::DropOldest);
+        assert_eq!(q.push(f("aaa")), Pushed::Queued);
+        assert_eq!(q.push(f("bbb")), Pushed::Queued);
+        assert_eq!(q.push(f("cc")), Pushed::Dropped);
+        assert_eq!(drain(&q).await.frames, vec![f("bbb"), f("cc")]);
+
+        let q = SendQueue::new(10, 6, OverflowPolicy::DropNew);
+        q.push(f("aaaa"));
+        assert_eq!(q.push(f("bbb")), Pushed::Dropped);
+        assert_eq!(drain(&q).await.frames, vec![f("aaaa")]);
+
+        let q = SendQueue::new(10, 6, OverflowPolicy::Disconnect);
+        q.push(f("aaaa"));
+        assert_eq!(q.push(f("bbb")), Pushed::Overflowed);
+        assert_eq!(drain(&q).await.close.unwrap().code, 1013);
+
+        // A frame over the whole budget still reaches an empty queue.
+        let q = SendQueue::new(10, 6, OverflowPolicy::DropNew);
+        assert_eq!(q.push(f("0123456789")), Pushed::Queued);
+        assert_eq!(drain(&q).await.frames, vec![f("0123456789")]);
+    }
+
+    #[tokio::test]
     async fn close_after_pending_frames() {
-        let q = SendQueue::new(4, OverflowPolicy::DropOldest);
+        let q = SendQueue::new(4, usize::MAX, OverflowPolicy::DropOldest);
         q.push(f("bye"));
         assert!(q.close(1001, "draining", false));
         assert!(!q.close(1000, "again", false));

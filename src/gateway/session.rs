@@ -15,10 +15,12 @@ use serde_json::value::RawValue;
 
 use super::{Gateway, Session, presence_map, presence_meta, unavailable_message};
 use crate::auth::{Identity, may_access};
-use crate::broker::{DirectMessage, MessageId, MessageKind, Origin, RoomMessage, RoomName};
+use crate::broker::{
+    DirectMessage, MessageId, MessageKind, Origin, RoomMessage, RoomName, Tracked,
+};
 use crate::protocol::{
     ClientFrame, ErrorCode, RequestKind, ServerFrame, ack_frame, close, error_frame, is_object,
-    now_ms, valid_room,
+    json_too_deep, now_ms, valid_room,
 };
 use crate::telemetry::{metric, trace};
 use tracing::Instrument;
@@ -60,7 +62,14 @@ pub async fn reject(mut socket: WebSocket, code: u16, reason: String) {
 
 /// Runs a connection until it ends.
 pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
-    let (session, user_subscribed) = gw.open_session(identity);
+    let (session, user_subscribed) = match gw.open_session(identity) {
+        Ok(opened) => opened,
+        Err(limit) => {
+            metric::connection_refused(limit.as_str());
+            tracing::debug!(limit = limit.as_str(), "connection refused");
+            return reject(socket, close::TRY_AGAIN_LATER, limit.reason().to_string()).await;
+        }
+    };
     let welcome = serde_json::json!({
         "user_id": &*session.identity.user_id,
         "instance_id": &**gw.instance_id(),
@@ -402,6 +411,14 @@ impl Connection {
             };
         let echo_self = frame.echo_self.unwrap_or(true);
         let gw = &self.gw;
+        let max_rooms = gw.config.ws.max_rooms_per_connection;
+        if self.rooms.len() >= max_rooms && !self.rooms.contains(&room) {
+            metric::limit_exceeded("rooms_per_connection");
+            return Err(Refusal::new(
+                ErrorCode::LimitExceeded,
+                format!("this connection is in {max_rooms} rooms (ws.max_rooms_per_connection)"),
+            ));
+        }
         let joined = gw.hub.join(
             &*gw.broker,
             &room,
@@ -485,10 +502,26 @@ impl Connection {
         Ok(Some("{}".into()))
     }
 
+    /// Refuses JSON nested deeper than `ws.max_json_depth`: other clients' parsers may choke.
+    fn check_depth(&self, data: &RawValue) -> Result<(), Refusal> {
+        let max = self.gw.config.ws.max_json_depth;
+        if json_too_deep(data.get(), max) {
+            metric::limit_exceeded("json_depth");
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("`data` nests deeper than {max} levels (ws.max_json_depth)"),
+            ));
+        }
+        Ok(())
+    }
+
     /// `data`, or `{"text": ...}` from the shorthand; must be an object.
-    fn payload(frame: &ClientFrame) -> Result<Box<RawValue>, Refusal> {
+    fn payload(&self, frame: &ClientFrame) -> Result<Box<RawValue>, Refusal> {
         match (frame.data, &frame.text) {
-            (Some(data), _) if is_object(data) => Ok(data.to_owned()),
+            (Some(data), _) if is_object(data) => {
+                self.check_depth(data)?;
+                Ok(data.to_owned())
+            }
             (Some(_), _) => Err(Refusal::new(
                 ErrorCode::BadRequest,
                 "`data` must be an object",
@@ -517,7 +550,7 @@ impl Connection {
             Ok(RoomMessage {
                 room,
                 kind: MessageKind::Message,
-                data: Self::payload(frame)?,
+                data: self.payload(frame)?,
                 sender_id: Some(self.session.identity.user_id.clone()),
                 ts_ms: now_ms(),
                 origin: Some(self.origin()),
@@ -587,6 +620,7 @@ impl Connection {
             .data
             .filter(|d| is_object(d))
             .ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "`data` must be an object"))?;
+        self.check_depth(data)?;
         let to = serde_json::from_str::<DirectTarget>(data.get())
             .ok()
             .and_then(|t| t.to)
@@ -622,6 +656,20 @@ impl Connection {
 
     async fn track(&mut self, frame: &ClientFrame<'_>) -> Reply {
         let room = self.joined_room(frame)?;
+        let ws = &self.gw.config.ws;
+        if let Some(data) = frame.data {
+            if data.get().len() > ws.max_presence_bytes {
+                metric::limit_exceeded("presence_bytes");
+                return Err(Refusal::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "presence meta over {} bytes (ws.max_presence_bytes)",
+                        ws.max_presence_bytes
+                    ),
+                ));
+            }
+            self.check_depth(data)?;
+        }
         let meta = presence_meta(frame.data, &self.session)
             .map_err(|_| Refusal::new(ErrorCode::BadRequest, "`data` must be an object"))?;
         let entry = crate::broker::PresenceEntry {
@@ -629,11 +677,20 @@ impl Connection {
             conn_id: self.session.public_id.clone(),
             meta: meta.into(),
         };
-        self.gw
+        let max = self.gw.config.rooms.max_presence_per_room;
+        let tracked = self
+            .gw
             .broker
-            .track(&room, entry)
+            .track(&room, entry, max)
             .await
             .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
+        if tracked == Tracked::RoomFull {
+            metric::limit_exceeded("presence_per_room");
+            return Err(Refusal::new(
+                ErrorCode::LimitExceeded,
+                format!("room `{room}` has {max} presence entries (rooms.max_presence_per_room)"),
+            ));
+        }
         Ok(Some("{}".into()))
     }
 

@@ -438,11 +438,32 @@ impl Client {
     }
 
     pub async fn connect_opts(url: &str, bearer: Option<&str>, rcvbuf: Option<u32>) -> Client {
+        let auth = bearer.map(|b| format!("Bearer {b}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| ("Authorization", a))
+            .into_iter()
+            .collect();
+        Self::try_connect(url, &headers, rcvbuf)
+            .await
+            .unwrap_or_else(|status| {
+                panic!("ws handshake failed with HTTP {status} (the upgrade must be accepted)")
+            })
+    }
+
+    /// Opens a WebSocket with extra request headers; `Err(status)` when the server answers the
+    /// upgrade with an HTTP status instead.
+    pub async fn try_connect(
+        url: &str,
+        headers: &[(&str, &str)],
+        rcvbuf: Option<u32>,
+    ) -> Result<Client, u16> {
         let mut req = url.into_client_request().expect("ws request");
-        if let Some(b) = bearer {
-            req.headers_mut().insert(
-                "Authorization",
-                HeaderValue::from_str(&format!("Bearer {b}")).unwrap(),
+        for (name, value) in headers {
+            req.headers_mut().append(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .expect("header name"),
+                HeaderValue::from_str(value).expect("header value"),
             );
         }
         let host = req.uri().host().expect("host").to_string();
@@ -458,18 +479,24 @@ impl Client {
             .expect("tcp connect timed out")
             .expect("tcp connect");
         stream.set_nodelay(true).ok();
-        let (ws, _resp) = timeout(WAIT, tokio_tungstenite::client_async(req, stream))
+        let ws = match timeout(WAIT, tokio_tungstenite::client_async(req, stream))
             .await
             .expect("ws handshake timed out")
-            .expect("ws handshake failed (the upgrade must be accepted)");
-        Client {
+        {
+            Ok((ws, _resp)) => ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                return Err(resp.status().as_u16());
+            }
+            Err(e) => panic!("ws handshake failed: {e}"),
+        };
+        Ok(Client {
             ws,
             stash: VecDeque::new(),
             next_ref: 0,
             pings_seen: 0,
             close_reason: None,
             frames_before_close: Vec::new(),
-        }
+        })
     }
 
     /// Sends a JSON text frame. Panics if the connection is gone.
