@@ -242,3 +242,46 @@ def test_compose_secret_demo_and_proxies(rtgate_bin, tmp_path):
         assert cfg["server"]["trusted_proxies"] == ["127.0.0.1/32"], name
     nginx = (ROOT / "deploy/compose/nginx.conf").read_text()
     assert "proxy_set_header X-Forwarded-For" in nginx
+
+
+def readme_section(title):
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_config_table_lists_every_key(rtgate_bin, tmp_path):
+    """Every key rtgate knows in [server], [auth], [ws], [rooms] has a row in the README's
+    configuration table (max_token_lifetime is unset by default, so it is named here)."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    known = config_check(rtgate_bin, empty)
+    rows = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)`", readme_section("Configuration"), re.M))
+    keys = {f"{s}.{k}" for s in ("server", "auth", "ws", "rooms") for k in known[s]}
+    keys |= {"server.admin_listen", "server.demo", "auth.max_token_lifetime"}
+    assert not keys - rows, f"README configuration table lacks {sorted(keys - rows)}"
+    table = readme_section("Configuration")
+    assert re.search(r"`auth\.jwt_secret`.*at least 32 bytes", table)
+
+
+SECURITY_LIMIT_KEYS = [
+    "server.max_connections", "server.max_connections_per_user", "server.connect_rate_per_ip",
+    "server.connect_burst_per_ip", "server.trusted_proxies", "server.allowed_origins",
+    "server.header_read_timeout", "server.demo", "server.admin_listen", "auth.jwt_secret",
+    "auth.public_key_file", "auth.jwks_url", "auth.issuer", "auth.audience",
+    "auth.max_token_lifetime", "ws.max_frame_bytes", "ws.send_queue_max",
+    "ws.send_queue_max_bytes", "ws.max_rooms_per_connection", "ws.max_json_depth",
+    "ws.max_presence_bytes", "rooms.max_presence_per_room", "ws.rate_limit_per_sec",
+    "ws.max_violations", "ws.idle_timeout",
+]
+
+
+def test_readme_security_section():
+    sec = readme_section("Security")
+    for key in SECURITY_LIMIT_KEYS:
+        assert f"`{key}`" in sec, f"README Security table lacks {key}"
+    checklist = sec.split("Production checklist", 1)[1].lower()
+    for item in ("32", "jwks", "demo", "admin_listen", "allowed_origins", "trusted_proxies",
+                 "tls", "max_token_lifetime", "api_keys"):
+        assert item in checklist, f"production checklist lacks {item}"
+    for metric in ("rtgate_connections_refused_total", "rtgate_limit_exceeded_total"):
+        assert metric in sec
