@@ -185,3 +185,103 @@ def test_kubernetes_validate(directory):
                                          "PodDisruptionBudget", "Secret"}
     for doc in docs:
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
+
+
+# (e) "safe to expose": demo explicit everywhere, secrets long enough, proxies trusted.
+DEPLOY_TOMLS = sorted((ROOT / "deploy").rglob("*.toml"))
+
+
+def test_deploy_tomls_found():
+    assert len(DEPLOY_TOMLS) >= 4, DEPLOY_TOMLS
+
+
+@pytest.mark.parametrize("path", DEPLOY_TOMLS, ids=lambda p: str(p.relative_to(ROOT / "deploy")))
+def test_deploy_toml_sets_demo_and_admin(path, rtgate_bin):
+    raw = tomllib.loads(path.read_text())
+    # Explicit, not the default (which turns the demo on whenever no key is configured).
+    assert raw.get("server", {}).get("demo") is False, f"{path}: set [server] demo = false"
+    assert raw["server"].get("admin_listen"), f"{path}: metrics belong on server.admin_listen"
+    cfg = config_check(rtgate_bin, path)
+    assert cfg["server"]["demo"] is False
+    admin_port = int(cfg["server"]["admin_listen"].rsplit(":", 1)[1])
+    assert admin_port != int(cfg["server"]["listen"].rsplit(":", 1)[1])
+
+
+def test_kustomize_service_does_not_expose_admin_port():
+    docs = kustomize(K8S / "base")
+    (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
+    ports = {p["name"]: p["containerPort"]
+             for p in deploy["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports == {"http": 8080, "admin": 9090}, ports
+    (svc,) = [d for d in docs if d["kind"] == "Service"]
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"], svc["spec"]["ports"]
+    ann = deploy["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/port"] == "9090", ann
+
+
+@pytest.mark.parametrize("name", ["deploy/systemd/rtgate.env.example",
+                                  "deploy/kubernetes/base/secret.example.yaml"])
+def test_example_secrets_long_enough(name):
+    text = (ROOT / name).read_text()
+    values = re.findall(r"^\s*RTGATE_AUTH__JWT_SECRET[=:]\s*(\S+)\s*$", text, re.M)
+    assert values, f"{name}: no RTGATE_AUTH__JWT_SECRET example"
+    for v in values:
+        assert len(v.encode()) >= 32, f"{name}: example secret {v!r} is under 32 bytes"
+
+
+def test_compose_secret_demo_and_proxies(rtgate_bin, tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    for name, svc in rtgate_services(load("docker-compose.yml")).items():
+        env = {k: interpolate(v) for k, v in svc["environment"].items()}
+        assert len(env["RTGATE_AUTH__JWT_SECRET"].encode()) >= 32, name
+        assert env["RTGATE_SERVER__DEMO"] == "true", f"{name}: set RTGATE_SERVER__DEMO explicitly"
+        cfg = config_check(rtgate_bin, empty, env)
+        assert cfg["server"]["demo"] is True
+        # nginx reaches the instances over loopback (host networking) and sets X-Forwarded-For.
+        assert cfg["server"]["trusted_proxies"] == ["127.0.0.1/32"], name
+    nginx = (ROOT / "deploy/compose/nginx.conf").read_text()
+    assert "proxy_set_header X-Forwarded-For" in nginx
+
+
+def readme_section(title):
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_config_table_lists_every_key(rtgate_bin, tmp_path):
+    """Every key rtgate knows in [server], [auth], [ws], [rooms] has a row in the README's
+    configuration table (max_token_lifetime is unset by default, so it is named here)."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    known = config_check(rtgate_bin, empty)
+    rows = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)`", readme_section("Configuration"), re.M))
+    keys = {f"{s}.{k}" for s in ("server", "auth", "ws", "rooms") for k in known[s]}
+    keys |= {"server.admin_listen", "server.demo", "auth.max_token_lifetime"}
+    assert not keys - rows, f"README configuration table lacks {sorted(keys - rows)}"
+    table = readme_section("Configuration")
+    assert re.search(r"`auth\.jwt_secret`.*at least 32 bytes", table)
+
+
+SECURITY_LIMIT_KEYS = [
+    "server.max_connections", "server.max_connections_per_user", "server.connect_rate_per_ip",
+    "server.connect_burst_per_ip", "server.trusted_proxies", "server.allowed_origins",
+    "server.header_read_timeout", "server.demo", "server.admin_listen", "auth.jwt_secret",
+    "auth.public_key_file", "auth.jwks_url", "auth.issuer", "auth.audience",
+    "auth.max_token_lifetime", "ws.max_frame_bytes", "ws.send_queue_max",
+    "ws.send_queue_max_bytes", "ws.max_rooms_per_connection", "ws.max_json_depth",
+    "ws.max_presence_bytes", "rooms.max_presence_per_room", "ws.rate_limit_per_sec",
+    "ws.max_violations", "ws.idle_timeout",
+]
+
+
+def test_readme_security_section():
+    sec = readme_section("Security")
+    for key in SECURITY_LIMIT_KEYS:
+        assert f"`{key}`" in sec, f"README Security table lacks {key}"
+    checklist = sec.split("Production checklist", 1)[1].lower()
+    for item in ("32", "jwks", "demo", "admin_listen", "allowed_origins", "trusted_proxies",
+                 "tls", "max_token_lifetime", "api_keys"):
+        assert item in checklist, f"production checklist lacks {item}"
+    for metric in ("rtgate_connections_refused_total", "rtgate_limit_exceeded_total"):
+        assert metric in sec

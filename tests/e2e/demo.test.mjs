@@ -67,8 +67,12 @@ async function gateway(redisPort, id) {
   Object.assign(env, {
     RTGATE_SERVER__LISTEN: `127.0.0.1:${port}`,
     RTGATE_SERVER__INSTANCE_ID: id,
+    // The demo page is off by default once a secret is configured: this test needs it.
     RTGATE_SERVER__DEMO: "true",
-    RTGATE_AUTH__JWT_SECRET: "e2e-secret-0123",
+    // At least 32 bytes: rtgate refuses shorter HS256 secrets (exit 2).
+    RTGATE_AUTH__JWT_SECRET: "e2e-secret-0123456789abcdef012345",
+    // Both pages connect from 127.0.0.1: no per-address upgrade limit.
+    RTGATE_SERVER__CONNECT_RATE_PER_IP: "0",
     RTGATE_BROKER__KIND: "redis",
     RTGATE_REDIS__URL: `redis://127.0.0.1:${redisPort}`,
   });

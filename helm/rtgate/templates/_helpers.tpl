@@ -51,6 +51,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-redis" .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* Name of the metrics Service (admin port only; never behind the Ingress). */}}
+{{- define "rtgate.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "rtgate.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Whether the metrics Service is rendered. */}}
+{{- define "rtgate.metricsServiceEnabled" -}}
+{{- if or .Values.metrics.service.enabled .Values.metrics.serviceMonitor.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Where the PEM public key is mounted (auth.public_key_file); empty without one. */}}
+{{- define "rtgate.publicKeyFile" -}}
+{{- if .Values.auth.existingPublicKeySecret -}}
+/etc/rtgate-keys/{{ .Values.auth.existingPublicKeySecretKey }}
+{{- else if .Values.auth.publicKey -}}
+/etc/rtgate/jwt-public-key.pem
+{{- end -}}
+{{- end }}
+
+{{/* auth.audience as a TOML list (the value may be a string or a list). */}}
+{{- define "rtgate.audience" -}}
+{{- $a := .Values.auth.audience -}}
+{{- if kindIs "string" $a -}}
+{{- if $a }}{{ list $a | toJson }}{{ else }}[]{{ end -}}
+{{- else -}}
+{{- $a | default list | toJson -}}
+{{- end -}}
+{{- end }}
+
 {{/* Sentinel list in effect (bundled Redis overrides an empty list). */}}
 {{- define "rtgate.redisSentinels" -}}
 {{- if .Values.redis.sentinels }}
@@ -94,6 +123,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and (eq $kind "memory") (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
 {{- fail "broker.kind=memory does not share rooms between instances: use replicaCount=1 without autoscaling, or broker.kind=redis/kafka" }}
+{{- end }}
+{{- if and .Values.auth.publicKey .Values.auth.existingPublicKeySecret }}
+{{- fail "auth: set only one of publicKey and existingPublicKeySecret" }}
+{{- end }}
+{{- if eq (int .Values.admin.port) 8080 }}
+{{- fail "admin.port must differ from 8080 (the public port)" }}
 {{- end }}
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
 {{- fail "podDisruptionBudget: set only one of maxUnavailable and minAvailable (null the other)" }}

@@ -38,7 +38,8 @@ function privateBinary(): { bin: string; dir: string } {
   }
 }
 const { bin: BIN, dir: BIN_DIR } = privateBinary();
-const SECRET = "integration-secret";
+// At least 32 bytes: rtgate refuses shorter HS256 secrets (exit 2).
+const SECRET = "integration-secret-0123456789abcdef";
 const WebSocketImpl: any = (globalThis as any).WebSocket ?? WS;
 const HAVE_REDIS = spawnSync("sh", ["-c", "command -v redis-server"]).status === 0;
 
@@ -124,6 +125,8 @@ async function startServer(listen = "127.0.0.1:0", extraEnv: Record<string, stri
       RTGATE_AUTH__JWT_SECRET: SECRET,
       RTGATE_WS__RATE_LIMIT_PER_SEC: "1000",
       RTGATE_WS__RATE_LIMIT_BURST: "1000",
+      // Every test connects from 127.0.0.1, many times a second: no per-address upgrade limit.
+      RTGATE_SERVER__CONNECT_RATE_PER_IP: "0",
       ...extraEnv,
     });
     const proc = spawn(BIN, ["serve"], { env, stdio: ["ignore", "pipe", "pipe"] });
