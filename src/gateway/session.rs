@@ -127,6 +127,13 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, session: Arc<Sessio
     }
 }
 
+/// Just the `ref` of a frame (what a refused request needs for its error).
+#[derive(Deserialize)]
+struct RefOnly<'a> {
+    #[serde(rename = "ref", borrow, default)]
+    reference: Option<&'a RawValue>,
+}
+
 #[derive(Deserialize)]
 struct DirectTarget<'a> {
     #[serde(borrow)]
@@ -280,8 +287,11 @@ impl Connection {
                 self.session.close(close::POLICY, "rate limit exceeded");
                 return;
             }
-            let reference = serde_json::from_str::<ClientFrame>(text)
-                .ok()
+            // Nothing is parsed for a refused frame but its `ref`, and only within the size
+            // limit, so a flood costs little.
+            let reference = (text.len() <= self.gw.config.ws.max_frame_bytes)
+                .then(|| serde_json::from_str::<RefOnly>(text).ok())
+                .flatten()
                 .and_then(|f| f.reference);
             self.send(error_frame(
                 ErrorCode::RateLimited,
