@@ -618,10 +618,8 @@ impl Config {
         if self.auth.max_token_lifetime.is_some_and(|d| d.is_zero()) {
             return Err(bad("auth.max_token_lifetime", "must be more than 0"));
         }
-        if !self.auth.jwks_url.is_empty()
-            && !(self.auth.jwks_url.starts_with("https://")
-                || self.auth.jwks_url.starts_with("http://"))
-        {
+        let jwks = &self.auth.jwks_url;
+        if !jwks.is_empty() && !jwks.starts_with("https://") && !jwks.starts_with("http://") {
             return Err(bad("auth.jwks_url", "must be an http:// or https:// URL"));
         }
         if !self.auth.jwks_url.is_empty() && self.auth.jwks_refresh < Duration::from_secs(1) {

@@ -230,9 +230,13 @@ pub fn ack_frame<D: Serialize + ?Sized>(
     .to_json()
 }
 
-/// RFC 3339 UTC timestamp with milliseconds, from Unix milliseconds.
+/// The last millisecond of year 9999, the latest time RFC 3339 can write.
+pub const MAX_TS_MS: u64 = 253_402_300_799_999;
+
+/// RFC 3339 UTC timestamp with milliseconds, from Unix milliseconds. Times past year 9999
+/// (which RFC 3339 cannot write) are written as its last millisecond.
 pub fn format_ts(unix_ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.min(MAX_TS_MS));
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -304,5 +308,13 @@ mod tests {
         assert_eq!(v["ref"], "x");
         assert_eq!(v["data"]["code"], "bad_request");
         assert_eq!(format_ts(1_732_183_810_123), "2024-11-21T10:10:10.123Z");
+    }
+
+    #[test]
+    fn timestamps_past_year_9999_are_clamped() {
+        assert_eq!(format_ts(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_ts(MAX_TS_MS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(format_ts(MAX_TS_MS + 1), "9999-12-31T23:59:59.999Z");
+        assert_eq!(format_ts(u64::MAX), "9999-12-31T23:59:59.999Z");
     }
 }

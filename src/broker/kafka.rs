@@ -22,7 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
-use super::wire::{self, WireMessage};
+use super::wire;
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
     RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
@@ -337,10 +337,10 @@ impl Broker for KafkaBroker {
         let events = records
             .into_iter()
             .filter_map(|(offset, payload)| {
-                let wire: WireMessage = serde_json::from_slice(&payload).ok()?;
-                Some(Arc::new(
-                    wire.into_event(room, MessageId::new(0, offset as u64)),
-                ))
+                let id = MessageId::new(0, offset as u64);
+                wire::decode_message(&payload, Some(room), Some(id))
+                    .ok()
+                    .map(Arc::new)
             })
             .collect();
         Ok(History { events, gap })
@@ -700,23 +700,27 @@ fn assign(consumer: &StreamConsumer<QuietContext>, positions: &HashMap<String, P
 }
 
 fn deliver_room<M: Message>(shared: &Shared, room: &RoomName, m: &M, payload: &[u8]) {
-    let Ok(mut wire) = serde_json::from_slice::<WireMessage>(payload) else {
-        tracing::warn!(
-            topic = m.topic(),
-            offset = m.offset(),
-            "unreadable room message"
-        );
-        return;
+    let id = MessageId::new(m.partition() as u64, m.offset() as u64);
+    let mut event: RoomEvent = match wire::decode_message(payload, Some(room), Some(id)) {
+        Ok(event) => event,
+        Err(e) => {
+            tracing::warn!(
+                topic = m.topic(),
+                offset = m.offset(),
+                error = %e,
+                "unreadable room message"
+            );
+            return;
+        }
     };
     let traceparent = m.headers().and_then(|h| {
         h.iter()
             .find(|h| h.key == TRACEPARENT)
             .and_then(|h| h.value)
             .and_then(|v| std::str::from_utf8(v).ok())
+            .filter(|v| wire::valid_traceparent(v))
     });
-    wire.traceparent = traceparent.map(std::borrow::Cow::Borrowed);
-    let id = MessageId::new(m.partition() as u64, m.offset() as u64);
-    let event: RoomEvent = wire.into_event(room, id);
+    event.msg.traceparent = traceparent.map(String::from);
     shared.sink.room_event(Arc::new(event));
 }
 

@@ -18,10 +18,10 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Value};
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::wire::{self, WireMessage, WirePresence, WirePresenceDiff};
+use super::wire::{self, WirePresence};
 use super::{
-    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceDiff,
-    PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
+    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
+    RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 use crate::config::RedisConfig;
 
@@ -432,8 +432,7 @@ impl Broker for RedisBroker {
             .map_err(|e| self.failed(e))?;
         Ok(values
             .iter()
-            .filter_map(|v| serde_json::from_str::<WirePresence>(v).ok())
-            .map(PresenceEntry::from)
+            .filter_map(|v| wire::decode_presence(v.as_bytes()).ok())
             .collect())
     }
 
@@ -568,8 +567,11 @@ fn parse_entries(room: &RoomName, entries: &[Value]) -> Vec<RoomEvent> {
                 .then(|| redis::from_redis_value_ref::<String>(kv.get(1)?).ok())
                 .flatten()
         });
-        match payload.as_deref().map(serde_json::from_str::<WireMessage>) {
-            Some(Ok(wire)) => out.push(wire.into_event(room, id)),
+        match payload
+            .as_deref()
+            .map(|p| wire::decode_message(p.as_bytes(), Some(room), Some(id)))
+        {
+            Some(Ok(event)) => out.push(event),
             _ => tracing::warn!(room = %room, %id, "skipping an unreadable stream entry"),
         }
     }
@@ -987,38 +989,15 @@ fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
         };
         // Presence diffs are written by the scripts above and start with their type.
         if payload.starts_with(br#"{"type":"presence_diff""#) {
-            match serde_json::from_slice::<WirePresenceDiff>(payload) {
-                Ok(diff) => shared.sink.presence(Arc::new(PresenceDiff {
-                    room,
-                    joins: diff
-                        .data
-                        .joins
-                        .into_iter()
-                        .map(PresenceEntry::from)
-                        .collect(),
-                    leaves: diff
-                        .data
-                        .leaves
-                        .into_iter()
-                        .map(PresenceEntry::from)
-                        .collect(),
-                })),
+            match wire::decode_presence_diff(payload, &room) {
+                Ok(diff) => shared.sink.presence(Arc::new(diff)),
                 Err(e) => tracing::warn!(error = %e, "unreadable presence diff"),
             }
             return;
         }
-        let wire = serde_json::from_slice::<WireMessage>(payload);
-        let id = wire
-            .as_ref()
-            .ok()
-            .and_then(|w| w.id.as_deref())
-            .and_then(|id| id.parse::<MessageId>().ok());
-        match (id, wire) {
-            (Some(id), Ok(wire)) => {
-                let event = Arc::new(wire.into_event(&room, id));
-                deliver_room(shared, subs, event);
-            }
-            _ => tracing::warn!(channel, "unreadable room message"),
+        match wire::decode_message(payload, Some(&room), None) {
+            Ok(event) => deliver_room(shared, subs, Arc::new(event)),
+            Err(e) => tracing::warn!(channel, error = %e, "unreadable room message"),
         }
     } else if channel.starts_with(names::USER_PREFIX) {
         match wire::decode_direct(payload) {

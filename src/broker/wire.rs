@@ -2,6 +2,9 @@
 //! (`type`, `room`, `data`, `ts`, `sender_id`, and `id` where the transport knows it), plus what
 //! instances need: the publish time in milliseconds, the origin connection and, where the
 //! transport has no headers, the W3C `traceparent`. Readable by any client of the broker.
+//!
+//! Whatever comes back from a broker is decoded here and only here, and checked field by field:
+//! any writer of the broker may have sent it, so a bad payload is a [`DecodeError`].
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -10,9 +13,67 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::{
-    DirectMessage, MessageId, MessageKind, Origin, PresenceEntry, RoomEvent, RoomMessage, RoomName,
+    DirectMessage, MessageId, MessageKind, Origin, PresenceDiff, PresenceEntry, RoomEvent,
+    RoomMessage, RoomName,
 };
-use crate::protocol::format_ts;
+use crate::protocol::{MAX_TS_MS, format_ts, is_object, valid_room};
+
+/// Longest user id, connection id, sender id or instance id read from a broker, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Longest `traceparent` read from a broker, in bytes (version 00 takes 55).
+pub const MAX_TRACEPARENT_LEN: usize = 256;
+
+/// Why a broker payload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not the expected JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("`{field}` {problem}")]
+    Field {
+        field: &'static str,
+        problem: &'static str,
+    },
+}
+
+fn bad(field: &'static str, problem: &'static str) -> DecodeError {
+    DecodeError::Field { field, problem }
+}
+
+/// A user, connection, sender or instance id: 1 to [`MAX_ID_LEN`] bytes.
+fn check_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
+    match id.len() {
+        0 => Err(bad(field, "is empty")),
+        n if n > MAX_ID_LEN => Err(bad(field, "is too long")),
+        _ => Ok(()),
+    }
+}
+
+fn check_ts(ts_ms: u64) -> Result<(), DecodeError> {
+    if ts_ms > MAX_TS_MS {
+        return Err(bad("ts_ms", "is past year 9999"));
+    }
+    Ok(())
+}
+
+fn check_object(field: &'static str, raw: &RawValue) -> Result<(), DecodeError> {
+    if !is_object(raw) {
+        return Err(bad(field, "is not an object"));
+    }
+    Ok(())
+}
+
+/// Whether a W3C `traceparent` is plausible: 1 to [`MAX_TRACEPARENT_LEN`] bytes of visible ASCII.
+pub fn valid_traceparent(tp: &str) -> bool {
+    !tp.is_empty() && tp.len() <= MAX_TRACEPARENT_LEN && tp.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn check_traceparent(tp: Option<&str>) -> Result<(), DecodeError> {
+    match tp {
+        Some(tp) if !valid_traceparent(tp) => Err(bad("traceparent", "is not a trace context")),
+        _ => Ok(()),
+    }
+}
 
 /// A room message as stored (stream, topic) and carried live.
 #[derive(Serialize, Deserialize)]
@@ -41,7 +102,7 @@ pub struct WireMessage<'a> {
 }
 
 impl WireMessage<'_> {
-    pub fn into_event(self, room: &RoomName, id: MessageId) -> RoomEvent {
+    fn into_event(self, room: &RoomName, id: MessageId) -> RoomEvent {
         RoomEvent {
             id,
             msg: RoomMessage {
@@ -115,9 +176,55 @@ pub fn encode_direct(msg: &DirectMessage) -> String {
     .expect("a direct message serializes")
 }
 
+/// A room message from its payload. `room` and `id` are the transport's when it has them (a
+/// Kafka topic and position, a Redis stream entry's id); otherwise they are read from the
+/// payload (Redis's live copy carries its `id`). The payload's own `room` must be valid either
+/// way.
+pub fn decode_message(
+    payload: &[u8],
+    room: Option<&RoomName>,
+    id: Option<MessageId>,
+) -> Result<RoomEvent, DecodeError> {
+    let w: WireMessage = serde_json::from_slice(payload)?;
+    if !valid_room(&w.room) {
+        return Err(bad("room", "is not a valid room name"));
+    }
+    check_object("data", w.data)?;
+    check_ts(w.ts_ms)?;
+    if let Some(sender) = &w.sender_id {
+        check_id("sender_id", sender)?;
+    }
+    if let Some(instance) = &w.origin_instance {
+        check_id("origin_instance", instance)?;
+    }
+    check_traceparent(w.traceparent.as_deref())?;
+    let id = match id {
+        Some(id) => id,
+        None => {
+            w.id.as_deref()
+                .ok_or(bad("id", "is missing"))?
+                .parse::<MessageId>()
+                .map_err(|_| bad("id", "is not a message id"))?
+        }
+    };
+    let room = match room {
+        Some(room) => room.clone(),
+        None => RoomName::from(&*w.room),
+    };
+    Ok(w.into_event(&room, id))
+}
+
 /// A direct message from its payload.
-pub fn decode_direct(payload: &[u8]) -> Result<DirectMessage, serde_json::Error> {
+pub fn decode_direct(payload: &[u8]) -> Result<DirectMessage, DecodeError> {
     let w: WireDirect = serde_json::from_slice(payload)?;
+    if !w.kind.is_empty() && w.kind != "direct" {
+        return Err(bad("type", "is not `direct`"));
+    }
+    check_id("to", &w.to)?;
+    check_id("sender_id", &w.sender_id)?;
+    check_object("data", w.data)?;
+    check_ts(w.ts_ms)?;
+    check_traceparent(w.traceparent.as_deref())?;
     Ok(DirectMessage {
         to: Arc::from(&*w.to),
         data: w.data.to_owned(),
@@ -141,6 +248,8 @@ pub struct WirePresence<'a> {
 /// `{"type":"presence_diff","data":{"joins":[...],"leaves":[...]}}` on a room's channel.
 #[derive(Deserialize)]
 pub struct WirePresenceDiff<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
     #[serde(borrow)]
     pub data: WirePresenceChanges<'a>,
 }
@@ -153,14 +262,40 @@ pub struct WirePresenceChanges<'a> {
     pub leaves: Vec<WirePresence<'a>>,
 }
 
-impl From<WirePresence<'_>> for PresenceEntry {
-    fn from(w: WirePresence<'_>) -> Self {
-        PresenceEntry {
-            user_id: Arc::from(&*w.user_id),
-            conn_id: Arc::from(&*w.conn_id),
-            meta: Arc::from(w.meta.to_owned()),
-        }
+impl WirePresence<'_> {
+    fn into_entry(self) -> Result<PresenceEntry, DecodeError> {
+        check_id("user_id", &self.user_id)?;
+        check_id("conn_id", &self.conn_id)?;
+        check_object("meta", self.meta)?;
+        Ok(PresenceEntry {
+            user_id: Arc::from(&*self.user_id),
+            conn_id: Arc::from(&*self.conn_id),
+            meta: Arc::from(self.meta.to_owned()),
+        })
     }
+}
+
+/// One connection's presence as stored (a value of a room's presence hash).
+pub fn decode_presence(payload: &[u8]) -> Result<PresenceEntry, DecodeError> {
+    serde_json::from_slice::<WirePresence>(payload)?.into_entry()
+}
+
+/// A presence diff of `room` from its payload on the room's channel.
+pub fn decode_presence_diff(payload: &[u8], room: &RoomName) -> Result<PresenceDiff, DecodeError> {
+    let w: WirePresenceDiff = serde_json::from_slice(payload)?;
+    if w.kind != "presence_diff" {
+        return Err(bad("type", "is not `presence_diff`"));
+    }
+    let entries = |list: Vec<WirePresence>| {
+        list.into_iter()
+            .map(WirePresence::into_entry)
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(PresenceDiff {
+        room: room.clone(),
+        joins: entries(w.data.joins)?,
+        leaves: entries(w.data.leaves)?,
+    })
 }
 
 #[cfg(test)]
@@ -208,5 +343,222 @@ mod tests {
         let back = decode_direct(encode_direct(&msg).as_bytes()).unwrap();
         assert_eq!(&*back.to, "bob");
         assert_eq!(&*back.sender_id, "alice");
+    }
+
+    fn message(ts_ms: u64) -> RoomMessage {
+        RoomMessage {
+            room: "public:lobby".into(),
+            kind: MessageKind::Message,
+            data: RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap(),
+            sender_id: Some("alice".into()),
+            ts_ms,
+            origin: Some(Origin {
+                instance: "i1".into(),
+                session: 3,
+            }),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        }
+    }
+
+    /// The live copy Redis publishes: the stored JSON with the stream id in front.
+    fn live_copy(id: &str, stored: &str) -> String {
+        format!(r#"{{"id":"{id}",{}"#, &stored[1..])
+    }
+
+    fn field_error(e: DecodeError) -> &'static str {
+        match e {
+            DecodeError::Field { field, .. } => field,
+            DecodeError::Json(e) => panic!("expected a field error, got {e}"),
+        }
+    }
+
+    #[test]
+    fn decodes_messages_with_or_without_the_transport_s_room_and_id() {
+        let stored = encode_message(&message(1_732_183_810_123), true);
+        let live = live_copy("1732183810123-4", &stored);
+        let ev = decode_message(live.as_bytes(), None, None).unwrap();
+        assert_eq!(ev.id, MessageId::new(1_732_183_810_123, 4));
+        assert_eq!(&*ev.msg.room, "public:lobby");
+        assert_eq!(ev.msg.ts_ms, 1_732_183_810_123);
+        let room = RoomName::from("public:lobby");
+        let ev =
+            decode_message(stored.as_bytes(), Some(&room), Some(MessageId::new(0, 7))).unwrap();
+        assert_eq!(ev.id, MessageId::new(0, 7));
+        assert!(Arc::ptr_eq(&ev.msg.room, &room));
+        // Without an id from the transport, the payload must carry one.
+        let e = decode_message(stored.as_bytes(), Some(&room), None).unwrap_err();
+        assert_eq!(field_error(e), "id");
+        let e = decode_message(live_copy("7", &stored).as_bytes(), None, None).unwrap_err();
+        assert_eq!(field_error(e), "id");
+        let e = decode_message(
+            live_copy("1-99999999999999999999", &stored).as_bytes(),
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(field_error(e), "id");
+    }
+
+    #[test]
+    fn timestamps_past_year_9999_are_errors() {
+        let room = RoomName::from("public:lobby");
+        let id = Some(MessageId::new(0, 1));
+        let last = encode_message(&message(MAX_TS_MS), true);
+        assert!(decode_message(last.as_bytes(), Some(&room), id).is_ok());
+        let with_ts = |ts: &str| {
+            last.replace(
+                &format!(r#""ts_ms":{MAX_TS_MS}"#),
+                &format!(r#""ts_ms":{ts}"#),
+            )
+        };
+        for ts in [MAX_TS_MS + 1, 99_999_999_999_999_999, u64::MAX] {
+            let json = with_ts(&ts.to_string());
+            assert_ne!(json, last);
+            let e = decode_message(json.as_bytes(), Some(&room), id).unwrap_err();
+            assert_eq!(field_error(e), "ts_ms");
+            let direct = format!(r#"{{"to":"bob","data":{{}},"sender_id":"a","ts_ms":{ts}}}"#);
+            assert_eq!(
+                field_error(decode_direct(direct.as_bytes()).unwrap_err()),
+                "ts_ms"
+            );
+        }
+        // Past u64, negative or not an integer: serde refuses it.
+        for ts in ["18446744073709551616", "-1", "1e999999", "1.5"] {
+            assert!(matches!(
+                decode_message(with_ts(ts).as_bytes(), Some(&room), id),
+                Err(DecodeError::Json(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn message_fields_are_checked() {
+        let room = RoomName::from("public:lobby");
+        let id = Some(MessageId::new(0, 1));
+        let base = r#"{"type":"message","room":"public:lobby","data":{},"ts_ms":1"#;
+        let check =
+            |extra: &str| decode_message(format!("{base}{extra}}}").as_bytes(), Some(&room), id);
+        assert!(check("").is_ok());
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        for (extra, field) in [
+            (r#","sender_id":"""#.to_string(), "sender_id"),
+            (format!(r#","sender_id":"{long}""#), "sender_id"),
+            (
+                r#","origin_instance":"","origin_session":1"#.to_string(),
+                "origin_instance",
+            ),
+            (
+                format!(
+                    r#","traceparent":"{}""#,
+                    "0".repeat(MAX_TRACEPARENT_LEN + 1)
+                ),
+                "traceparent",
+            ),
+            (r#","traceparent":"00 x""#.to_string(), "traceparent"),
+            (r#","traceparent":"""#.to_string(), "traceparent"),
+        ] {
+            assert_eq!(field_error(check(&extra).unwrap_err()), field, "{extra}");
+        }
+        assert!(check(&format!(r#","sender_id":"{}""#, "x".repeat(MAX_ID_LEN))).is_ok());
+        for (json, field) in [
+            (
+                r#"{"type":"message","room":"bad room","data":{},"ts_ms":1}"#,
+                "room",
+            ),
+            (
+                r#"{"type":"message","room":"","data":{},"ts_ms":1}"#,
+                "room",
+            ),
+            (
+                r#"{"type":"message","room":"r","data":[],"ts_ms":1}"#,
+                "data",
+            ),
+            (
+                r#"{"type":"message","room":"r","data":"{}","ts_ms":1}"#,
+                "data",
+            ),
+        ] {
+            let e = decode_message(json.as_bytes(), Some(&room), id).unwrap_err();
+            assert_eq!(field_error(e), field, "{json}");
+        }
+        for json in [
+            r#"{"type":"shout","room":"r","data":{},"ts_ms":1}"#,
+            r#"{"type":"message","room":"r","data":{},"ts_ms":"1"}"#,
+            r#"{"type":"message","room":"r","data":{}}"#,
+            r#"{"type":"message","room":"\ud800","data":{},"ts_ms":1}"#,
+            "{}",
+            "[]",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    decode_message(json.as_bytes(), Some(&room), id),
+                    Err(DecodeError::Json(_))
+                ),
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn direct_fields_are_checked() {
+        let ok = r#"{"type":"direct","to":"bob","data":{},"sender_id":"a","ts_ms":1}"#;
+        assert!(decode_direct(ok.as_bytes()).is_ok());
+        for (json, field) in [
+            (
+                r#"{"type":"room","to":"bob","data":{},"sender_id":"a","ts_ms":1}"#,
+                "type",
+            ),
+            (r#"{"to":"","data":{},"sender_id":"a","ts_ms":1}"#, "to"),
+            (
+                r#"{"to":"bob","data":{},"sender_id":"","ts_ms":1}"#,
+                "sender_id",
+            ),
+            (r#"{"to":"bob","data":1,"sender_id":"a","ts_ms":1}"#, "data"),
+            (
+                r#"{"to":"b","data":{},"sender_id":"a","ts_ms":1,"traceparent":"\u0000"}"#,
+                "traceparent",
+            ),
+        ] {
+            assert_eq!(
+                field_error(decode_direct(json.as_bytes()).unwrap_err()),
+                field,
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn presence_is_checked() {
+        let room = RoomName::from("public:lobby");
+        let entry = r#"{"user_id":"7","conn_id":"c1","meta":{"session_id":"c1"}}"#;
+        let e = decode_presence(entry.as_bytes()).unwrap();
+        assert_eq!((&*e.user_id, &*e.conn_id), ("7", "c1"));
+        // As the track script writes it.
+        let diff =
+            format!(r#"{{"type":"presence_diff","data":{{"joins":[{entry}],"leaves":[]}}}}"#);
+        let d = decode_presence_diff(diff.as_bytes(), &room).unwrap();
+        assert_eq!((d.joins.len(), d.leaves.len()), (1, 0));
+        assert!(Arc::ptr_eq(&d.room, &room));
+        let bad_entry = r#"{"user_id":"","conn_id":"c1","meta":{}}"#;
+        assert_eq!(
+            field_error(decode_presence(bad_entry.as_bytes()).unwrap_err()),
+            "user_id"
+        );
+        let no_meta = r#"{"user_id":"7","conn_id":"c1","meta":null}"#;
+        assert_eq!(
+            field_error(decode_presence(no_meta.as_bytes()).unwrap_err()),
+            "meta"
+        );
+        let diff = format!(
+            r#"{{"type":"presence_diff","data":{{"joins":[],"leaves":[{entry},{bad_entry}]}}}}"#
+        );
+        let e = decode_presence_diff(diff.as_bytes(), &room).unwrap_err();
+        assert_eq!(field_error(e), "user_id");
+        let other = r#"{"type":"message","data":{"joins":[],"leaves":[]}}"#;
+        assert_eq!(
+            field_error(decode_presence_diff(other.as_bytes(), &room).unwrap_err()),
+            "type"
+        );
     }
 }
