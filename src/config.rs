@@ -101,8 +101,9 @@ pub struct AuthConfig {
     pub jwt_leeway: Duration,
     /// Required `iss` when set.
     pub issuer: String,
-    /// Accepted `aud` values (a string or a list). When set, a token must carry one of them;
-    /// when empty, a token with an `aud` claim is refused.
+    /// Accepted `aud` values (a string or a list). When set, a token's `aud` (a string or a
+    /// list) must contain one of them; when empty, `aud` is not checked (tokens with or
+    /// without it are accepted).
     #[serde(deserialize_with = "one_or_many")]
     pub audience: Vec<String>,
     /// Longest accepted token lifetime (`exp` - `iat`, or `exp` - now without `iat`).
@@ -618,10 +619,10 @@ impl Config {
         if self.auth.max_token_lifetime.is_some_and(|d| d.is_zero()) {
             return Err(bad("auth.max_token_lifetime", "must be more than 0"));
         }
-        if !self.auth.jwks_url.is_empty()
-            && !(self.auth.jwks_url.starts_with("https://")
-                || self.auth.jwks_url.starts_with("http://"))
-        {
+        let jwks_scheme_ok = ["https://", "http://"]
+            .iter()
+            .any(|scheme| self.auth.jwks_url.starts_with(scheme));
+        if !self.auth.jwks_url.is_empty() && !jwks_scheme_ok {
             return Err(bad("auth.jwks_url", "must be an http:// or https:// URL"));
         }
         if !self.auth.jwks_url.is_empty() && self.auth.jwks_refresh < Duration::from_secs(1) {
@@ -652,7 +653,8 @@ impl Config {
         if self.server.header_read_timeout.is_zero() {
             return Err(bad("server.header_read_timeout", "must be more than 0"));
         }
-        if self.server.admin_listen.is_some() && self.server.admin_listen == Some(self.server.listen)
+        if self.server.admin_listen.is_some()
+            && self.server.admin_listen == Some(self.server.listen)
         {
             return Err(bad("server.admin_listen", "must differ from server.listen"));
         }
@@ -761,8 +763,10 @@ mod tests {
 
     #[test]
     fn redaction_hides_secrets() {
-        let c = Config::from_toml_str("[auth]\njwt_secret = \"supersecret-supersecret-supersecret\"\napi_keys = [\"k1\"]")
-            .unwrap();
+        let c = Config::from_toml_str(
+            "[auth]\njwt_secret = \"supersecret-supersecret-supersecret\"\napi_keys = [\"k1\"]",
+        )
+        .unwrap();
         let shown = c.to_redacted_toml();
         assert!(
             !shown.contains("supersecret") && !shown.contains("\"k1\""),

@@ -70,7 +70,9 @@ impl OriginPattern {
             });
         }
         if host.contains('*') {
-            return Err(format!("`{text}`: `*` may only stand first (`*.example.com`)"));
+            return Err(format!(
+                "`{text}`: `*` may only stand first (`*.example.com`)"
+            ));
         }
         Ok(OriginPattern::Exact(text))
     }
@@ -307,7 +309,10 @@ mod tests {
         assert!(!ok("https://a.example.org"));
         assert!(!ok("https://evilexample.org:8443"));
         assert!(!ok("null"));
-        assert!(a.origin_allowed(&headers(&[("host", "gw")])), "no Origin: not a browser");
+        assert!(
+            a.origin_allowed(&headers(&[("host", "gw")])),
+            "no Origin: not a browser"
+        );
         assert!(OriginPattern::parse("https://a.com/path").is_err());
         assert!(OriginPattern::parse("ftp://a.com").is_err());
         assert!(OriginPattern::parse("https://a.*.com").is_err());
@@ -331,13 +336,23 @@ mod tests {
         let proxy: SocketAddr = "10.1.2.3:5000".parse().unwrap();
         let stranger: SocketAddr = "203.0.113.9:5000".parse().unwrap();
         let xff = headers(&[("x-forwarded-for", "1.1.1.1, 198.51.100.7, 10.9.9.9")]);
-        assert_eq!(a.client_ip(proxy, &xff), "198.51.100.7".parse::<IpAddr>().unwrap());
-        assert_eq!(a.client_ip(stranger, &xff), stranger.ip(), "untrusted peer: header ignored");
+        assert_eq!(
+            a.client_ip(proxy, &xff),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            a.client_ip(stranger, &xff),
+            stranger.ip(),
+            "untrusted peer: header ignored"
+        );
         let fwd = headers(&[(
             "forwarded",
             "for=\"[2001:db8::1]:4711\";proto=https, for=192.168.1.1",
         )]);
-        assert_eq!(a.client_ip(proxy, &fwd), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            a.client_ip(proxy, &fwd),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
         let garbage = headers(&[("x-forwarded-for", "not-an-ip")]);
         assert_eq!(a.client_ip(proxy, &garbage), proxy.ip());
         assert!(parse_cidr("10.0.0.0/33").is_none());
@@ -353,11 +368,18 @@ mod tests {
         assert!(a.check(one, &h).is_ok());
         assert!(a.check(one, &h).is_ok());
         assert_eq!(a.check(one, &h), Err(Refused::ConnectRate));
-        assert!(a.check(two, &h).is_ok(), "another address has its own bucket");
+        assert!(
+            a.check(two, &h).is_ok(),
+            "another address has its own bucket"
+        );
         let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let v6b: IpAddr = "2001:db8:1:2::2".parse().unwrap();
         assert!(a.check(v6a, &h).is_ok());
         assert!(a.check(v6b, &h).is_ok());
-        assert_eq!(a.check(v6a, &h), Err(Refused::ConnectRate), "one /64, one bucket");
+        assert_eq!(
+            a.check(v6a, &h),
+            Err(Refused::ConnectRate),
+            "one /64, one bucket"
+        );
     }
 }
