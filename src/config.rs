@@ -628,6 +628,11 @@ impl Config {
         if !self.auth.jwks_url.is_empty() && self.auth.jwks_refresh < Duration::from_secs(1) {
             return Err(bad("auth.jwks_refresh", "must be at least 1s"));
         }
+        if !self.auth.public_key_file.is_empty()
+            && let Err(e) = crate::auth::load_public_key_file(&self.auth.public_key_file)
+        {
+            return Err(bad("auth.public_key_file", &e.detail()));
+        }
         if self.server.max_connections == 0 {
             return Err(bad("server.max_connections", "must be at least 1"));
         }
