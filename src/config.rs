@@ -101,8 +101,9 @@ pub struct AuthConfig {
     pub jwt_leeway: Duration,
     /// Required `iss` when set.
     pub issuer: String,
-    /// Accepted `aud` values (a string or a list). When set, a token must carry one of them;
-    /// when empty, a token with an `aud` claim is refused.
+    /// Accepted `aud` values (a string or a list). When set, a token's `aud` (a string or a
+    /// list) must contain one of them; when empty, `aud` is not checked (tokens with or
+    /// without it are accepted).
     #[serde(deserialize_with = "one_or_many")]
     pub audience: Vec<String>,
     /// Longest accepted token lifetime (`exp` - `iat`, or `exp` - now without `iat`).
@@ -624,6 +625,11 @@ impl Config {
         }
         if !self.auth.jwks_url.is_empty() && self.auth.jwks_refresh < Duration::from_secs(1) {
             return Err(bad("auth.jwks_refresh", "must be at least 1s"));
+        }
+        if !self.auth.public_key_file.is_empty()
+            && let Err(e) = crate::auth::load_public_key_file(&self.auth.public_key_file)
+        {
+            return Err(bad("auth.public_key_file", &e.detail()));
         }
         if self.server.max_connections == 0 {
             return Err(bad("server.max_connections", "must be at least 1"));

@@ -86,12 +86,38 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(EXIT_CONFIG);
             }
-            let auth =
-                Authenticator::new(config.auth.jwt_secret.as_bytes(), vec![], Duration::ZERO);
+            let auth = match Authenticator::from_config(&config.auth) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("rtgate: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if let Some(max) = config.auth.max_token_lifetime
+                && ttl > max
+            {
+                eprintln!(
+                    "rtgate: --ttl is longer than auth.max_token_lifetime ({}); the token would be refused",
+                    humantime::format_duration(max)
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
             println!("{}", auth.issue(&sub, admin, ttl));
             ExitCode::SUCCESS
         }
-        Command::Serve => run_async(serve(config)),
+        Command::Serve => {
+            if config.server.demo == Some(true)
+                && config.auth.jwt_secret.is_empty()
+                && config.auth.has_keys()
+            {
+                eprintln!(
+                    "rtgate: server.demo signs HS256 tokens and needs auth.jwt_secret \
+                     (only a public key or JWKS is configured)"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            run_async(serve(config))
+        }
         Command::Bench(_) => unreachable!("handled above"),
     }
 }
@@ -185,11 +211,10 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             )
         }
     };
-    let auth = Authenticator::new(
-        config.auth.jwt_secret.as_bytes(),
-        config.auth.api_keys.clone(),
-        config.auth.jwt_leeway,
-    );
+    let auth = Authenticator::from_config(&config.auth)?;
+    // The first JWKS fetch is awaited (bounded); a failure is logged and does not stop the start.
+    let stop = CancellationToken::new();
+    let jwks_refresh = auth.start_jwks(stop.clone()).await;
     let gw = Arc::new(Gateway::new(
         config.clone(),
         auth,
@@ -228,7 +253,6 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     tracing::info!(instance = %gw.instance_id(), broker = gw.broker.kind(), "started");
 
     rtgate::telemetry::metric::started();
-    let stop = CancellationToken::new();
     let maintenance = tokio::spawn(gw.clone().run_maintenance(stop.clone()));
     let drained = CancellationToken::new();
     let shutdown = {
@@ -267,6 +291,9 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     let _ = maintenance.await;
     if let Some(admin) = admin {
         let _ = admin.await;
+    }
+    if let Some(task) = jwks_refresh {
+        let _ = task.await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -154,6 +154,10 @@ pub mod metric {
             "rtgate_broker_publish_seconds",
             "Time for the broker to store and fan out a publish"
         );
+        describe_counter!(
+            "rtgate_jwks_refresh_total",
+            "JWKS fetches (at start, periodic, and for unknown key ids), by result"
+        );
     }
 
     pub fn connections_changed(delta: i64) {
@@ -204,6 +208,11 @@ pub mod metric {
 
     pub fn broker_reconnect() {
         counter!("rtgate_broker_reconnects_total").increment(1);
+    }
+
+    pub fn jwks_refresh(ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        counter!("rtgate_jwks_refresh_total", "result" => result).increment(1);
     }
 
     pub fn span_dropped() {

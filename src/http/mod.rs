@@ -161,7 +161,7 @@ async fn websocket(
         .get("token")
         .map(String::as_str)
         .or_else(|| bearer(&headers));
-    match gw.auth.verify(token) {
+    match gw.auth.verify(token).await {
         Ok(identity) => upgrade.on_upgrade(move |socket| session::run(gw, socket, identity)),
         Err(e) => {
             let reason = match e {
