@@ -406,7 +406,7 @@ async fn presence_meta_size_and_room_presence_are_limited() {
 async fn send_queue_byte_budget_applies_the_overflow_policy() {
     // The frame count cannot be reached; only the byte budget can.
     let server = Server::start(
-        "[ws]\nsend_queue_max = 100000\nsend_queue_max_bytes = 65536\noverflow_policy = \"disconnect\"\n\
+        "[ws]\nsend_queue_max = 100000\nsend_queue_max_bytes = 262144\noverflow_policy = \"disconnect\"\n\
          rate_limit_per_sec = 100000\nrate_limit_burst = 100000",
     )
     .await;
@@ -417,18 +417,22 @@ async fn send_queue_byte_budget_applies_the_overflow_policy() {
     let mut fast = server.user("fast").await;
     fast.join(room).await;
     // Reads all along, so its queue never fills.
-    let fast = tokio::spawn(async move { fast.collect_for(Duration::from_secs(4)).await });
+    let fast = tokio::spawn(async move { fast.collect_for(Duration::from_secs(6)).await });
     let mut sender = server.user("sender").await;
     sender
         .request_ok(json!({"type": "join", "room": room, "self": false}))
         .await;
     let text = "x".repeat(2000);
     let mut closed = false;
-    // Bounded: at most 4000 messages of 2 KB (8 MB), checking for the close as we go.
+    // Bounded: at most 4000 messages of 2 KB (8 MB, more than the kernel buffers hold), in
+    // bursts the reading client keeps up with, checking for the close as we go.
     for i in 0..4000 {
         sender
             .send_json(&json!({"type": "message", "room": room, "data": {"n": i, "t": text}}))
             .await;
+        if i % 40 == 39 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if i % 200 == 199
             && server
                 .metric_sum("rtgate_dropped_frames_total", r#"policy="disconnect""#)
