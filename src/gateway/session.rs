@@ -67,7 +67,9 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
         Err(limit) => {
             metric::connection_refused(limit.as_str());
             tracing::debug!(limit = limit.as_str(), "connection refused");
-            return reject(socket, close::TRY_AGAIN_LATER, limit.reason().to_string()).await;
+            // Boxed: inline, this rare path would grow every connection's task.
+            let reason = limit.reason().to_string();
+            return Box::pin(reject(socket, close::TRY_AGAIN_LATER, reason)).await;
         }
     };
     let welcome = serde_json::json!({
