@@ -117,6 +117,10 @@ pub mod metric {
             "WebSocket clients refused, by reason (connect_rate, origin, auth, max_connections, max_connections_per_user)"
         );
         describe_counter!(
+            "rtgate_broker_bad_payloads_total",
+            "Broker payloads skipped because they failed validation, by broker"
+        );
+        describe_counter!(
             "rtgate_limit_exceeded_total",
             "Requests refused by a configured limit, by limit"
         );
@@ -182,6 +186,11 @@ pub mod metric {
 
     pub fn dropped(policy: OverflowPolicy) {
         counter!("rtgate_dropped_frames_total", "policy" => policy.as_str()).increment(1);
+    }
+
+    /// A broker payload that failed validation and was skipped.
+    pub fn broker_bad_payload(broker: &'static str) {
+        counter!("rtgate_broker_bad_payloads_total", "broker" => broker).increment(1);
     }
 
     /// A client refused at the door (`reason`: which check).

@@ -359,3 +359,51 @@ async fn plain_url_redis_restart_reconnects_and_resumes() {
     let (status, _) = a.get("/readyz").await;
     assert_eq!(status, 200);
 }
+
+/// Anyone who can reach Redis can publish on a room's channel: hostile payloads are skipped and
+/// counted, and the instance keeps delivering (before, a `ts_ms` past year 9999 panicked the
+/// receive task and the instance delivered nothing more while `/readyz` stayed 200).
+#[tokio::test]
+async fn hostile_payloads_on_a_room_channel_are_skipped_and_counted() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start_standalone().await;
+    let cfg = format!(
+        "[broker]\nkind = \"redis\"\n[redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let server = Server::start(&cfg).await;
+    let room = "public:hostile";
+    let mut sub = server.user("s").await;
+    sub.join(room).await;
+    let mut publisher = server.user("p").await;
+    let channel = format!("rt:room:{room}");
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let hostile = [
+        format!(r#"{{"id":"1-1","type":"message","room":"{room}","data":{{}},"ts_ms":99999999999999999}}"#),
+        r#"not json"#.to_string(),
+        format!(r#"{{"id":"1-2","type":"message","room":"{room}","data":{deep},"ts_ms":1}}"#),
+        format!(r#"{{"id":"nope","type":"message","room":"{room}","data":{{}},"ts_ms":1}}"#),
+        format!(r#"{{"id":"1-3","type":"message","room":"{room}","data":[],"ts_ms":1}}"#),
+        r#"{"type":"presence_diff","data":{"joins":[{"user_id":"","conn_id":"x","meta":{}}],"leaves":[]}}"#.to_string(),
+    ];
+    for payload in &hostile {
+        let _: i64 = common::redis::redis_cmd(redis.port, &["PUBLISH", &channel, payload])
+            .await
+            .expect("PUBLISH");
+    }
+    // Delivery goes on, on the same instance.
+    let id = publisher.publish(room, json!({"after": true})).await;
+    let frames = sub.collect_for(Duration::from_millis(800)).await;
+    let messages = messages_in(&frames, room);
+    assert_eq!(messages.len(), 1, "only the real message: {messages:?}");
+    assert_eq!(messages[0]["id"], id.as_str());
+    assert_eq!(server.get("/readyz").await.0, 200);
+    assert_eq!(
+        server
+            .metric_sum("rtgate_broker_bad_payloads_total", r#"broker="redis""#)
+            .await,
+        hostile.len() as f64
+    );
+}

@@ -338,9 +338,13 @@ impl Broker for KafkaBroker {
             .into_iter()
             .filter_map(|(offset, payload)| {
                 let id = MessageId::new(0, offset as u64);
-                wire::decode_message(&payload, Some(room), Some(id))
-                    .ok()
-                    .map(Arc::new)
+                match wire::decode_message(&payload, Some(room), Some(id)) {
+                    Ok(event) => Some(Arc::new(event)),
+                    Err(e) => {
+                        wire::skip_bad_payload("kafka", "stored record", &e);
+                        None
+                    }
+                }
             })
             .collect();
         Ok(History { events, gap })
@@ -704,12 +708,7 @@ fn deliver_room<M: Message>(shared: &Shared, room: &RoomName, m: &M, payload: &[
     let mut event: RoomEvent = match wire::decode_message(payload, Some(room), Some(id)) {
         Ok(event) => event,
         Err(e) => {
-            tracing::warn!(
-                topic = m.topic(),
-                offset = m.offset(),
-                error = %e,
-                "unreadable room message"
-            );
+            wire::skip_bad_payload("kafka", "room message", &e);
             return;
         }
     };
@@ -727,7 +726,7 @@ fn deliver_room<M: Message>(shared: &Shared, room: &RoomName, m: &M, payload: &[
 fn deliver_direct(shared: &Shared, payload: &[u8]) {
     match wire::decode_direct(payload) {
         Ok(msg) => shared.sink.direct(Arc::new(msg)),
-        Err(e) => tracing::warn!(error = %e, "unreadable direct message"),
+        Err(e) => wire::skip_bad_payload("kafka", "direct message", &e),
     }
 }
 

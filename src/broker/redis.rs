@@ -432,7 +432,13 @@ impl Broker for RedisBroker {
             .map_err(|e| self.failed(e))?;
         Ok(values
             .iter()
-            .filter_map(|v| wire::decode_presence(v.as_bytes()).ok())
+            .filter_map(|v| match wire::decode_presence(v.as_bytes()) {
+                Ok(entry) => Some(entry),
+                Err(e) => {
+                    wire::skip_bad_payload("redis", "presence entry", &e);
+                    None
+                }
+            })
             .collect())
     }
 
@@ -572,7 +578,8 @@ fn parse_entries(room: &RoomName, entries: &[Value]) -> Vec<RoomEvent> {
             .map(|p| wire::decode_message(p.as_bytes(), Some(room), Some(id)))
         {
             Some(Ok(event)) => out.push(event),
-            _ => tracing::warn!(room = %room, %id, "skipping an unreadable stream entry"),
+            Some(Err(e)) => wire::skip_bad_payload("redis", "stream entry", &e),
+            None => wire::skip_bad_payload("redis", "stream entry", &"no payload field"),
         }
     }
     out
@@ -991,18 +998,18 @@ fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
         if payload.starts_with(br#"{"type":"presence_diff""#) {
             match wire::decode_presence_diff(payload, &room) {
                 Ok(diff) => shared.sink.presence(Arc::new(diff)),
-                Err(e) => tracing::warn!(error = %e, "unreadable presence diff"),
+                Err(e) => wire::skip_bad_payload("redis", "presence diff", &e),
             }
             return;
         }
         match wire::decode_message(payload, Some(&room), None) {
             Ok(event) => deliver_room(shared, subs, Arc::new(event)),
-            Err(e) => tracing::warn!(channel, error = %e, "unreadable room message"),
+            Err(e) => wire::skip_bad_payload("redis", "room message", &e),
         }
     } else if channel.starts_with(names::USER_PREFIX) {
         match wire::decode_direct(payload) {
             Ok(msg) => shared.sink.direct(Arc::new(msg)),
-            Err(e) => tracing::warn!(error = %e, "unreadable direct message"),
+            Err(e) => wire::skip_bad_payload("redis", "direct message", &e),
         }
     }
 }

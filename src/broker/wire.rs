@@ -298,6 +298,28 @@ pub fn decode_presence_diff(payload: &[u8], room: &RoomName) -> Result<PresenceD
     })
 }
 
+/// Records a broker payload that failed to decode and was skipped: counted in
+/// `rtgate_broker_bad_payloads_total{broker}` and logged, at most once a second (a flood of bad
+/// payloads must not become a flood of logs). Delivery goes on.
+pub fn skip_bad_payload(broker: &'static str, what: &'static str, error: &dyn std::fmt::Display) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOG_S: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    crate::telemetry::metric::broker_bad_payload(broker);
+    let now_s = crate::protocol::now_ms() / 1000;
+    let last = LAST_LOG_S.load(Ordering::Relaxed);
+    if now_s > last
+        && LAST_LOG_S
+            .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::warn!(broker, what, %error, suppressed, "skipped an unreadable broker payload");
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
