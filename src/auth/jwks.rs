@@ -2,7 +2,9 @@
 //! once a minute) when a token names a key id the set does not have. A failed fetch keeps the
 //! last good keys.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
@@ -54,7 +56,7 @@ impl Jwks {
 
     /// The current keys (empty until a fetch succeeds).
     pub fn keys(&self) -> Arc<Vec<PublicKey>> {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.keys.read().clone()
     }
 
     /// Fetches the set once; on success replaces the keys, else keeps them. Logged and
@@ -70,7 +72,7 @@ impl Jwks {
                 } else {
                     tracing::debug!(url = %self.url, keys = keys.len(), "JWKS unchanged");
                 }
-                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                *self.keys.write() = Arc::new(keys);
                 metric::jwks_refresh(true);
                 true
             }

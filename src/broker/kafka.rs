@@ -8,8 +8,10 @@
 //! Redis when `[redis]` is configured, else they stay in this process.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -184,13 +186,13 @@ fn create_producer(cfg: &KafkaConfig) -> Result<FutureProducer<QuietContext>, Ka
 
 impl Shared {
     fn producer(&self) -> FutureProducer<QuietContext> {
-        self.producer.lock().unwrap().clone()
+        self.producer.lock().clone()
     }
 }
 
 /// Creates `topic` unless it is known to exist.
 async fn ensure_topic(shared: &Shared, topic: &str) -> Result<(), BrokerError> {
-    if shared.topics.lock().unwrap().contains(topic) {
+    if shared.topics.lock().contains(topic) {
         return Ok(());
     }
     if topic.len() > MAX_TOPIC_LEN {
@@ -221,7 +223,7 @@ async fn ensure_topic(shared: &Shared, topic: &str) -> Result<(), BrokerError> {
             }
         }
     }
-    shared.topics.lock().unwrap().insert(topic.to_string());
+    shared.topics.lock().insert(topic.to_string());
     Ok(())
 }
 
@@ -313,7 +315,7 @@ impl Broker for KafkaBroker {
         limit: usize,
     ) -> Result<History, BrokerError> {
         let topic = room_topic(room);
-        if !self.shared.topics.lock().unwrap().contains(&topic) {
+        if !self.shared.topics.lock().contains(&topic) {
             ensure_topic(&self.shared, &topic).await?;
         }
         let mut reader = self.history.lock().await;
@@ -476,10 +478,10 @@ async fn watch_health(shared: Arc<Shared>, commands: mpsc::UnboundedSender<Comma
             if ok {
                 // Topics may have to be created again (a broker that lost its data), and
                 // the producer starts over with a new producer id.
-                shared.topics.lock().unwrap().clear();
+                shared.topics.lock().clear();
                 if was_down {
                     match create_producer(&shared.cfg) {
-                        Ok(p) => *shared.producer.lock().unwrap() = p,
+                        Ok(p) => *shared.producer.lock() = p,
                         Err(e) => tracing::warn!(error = %e, "cannot recreate the producer"),
                     }
                     let _ = commands.send(Command::Resync);

@@ -2,7 +2,9 @@
 //! messages. Deliveries happen under the room's history lock so they leave in id order.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use futures_util::FutureExt;
 
@@ -61,7 +63,7 @@ impl MemoryBroker {
     }
 
     fn announce(&self, diff: PresenceDiff) {
-        if self.subscribed.lock().unwrap().contains(&diff.room) {
+        if self.subscribed.lock().contains(&diff.room) {
             self.sink.presence(Arc::new(diff));
         }
     }
@@ -82,8 +84,8 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
-        let mut logs = self.logs.lock().unwrap();
-        let id = self.clock.lock().unwrap().next(msg.ts_ms);
+        let mut logs = self.logs.lock();
+        let id = self.clock.lock().next(msg.ts_ms);
         let event = Arc::new(RoomEvent { id, msg });
         let log = logs.entry(event.msg.room.clone()).or_default();
         log.events.push_back(event.clone());
@@ -93,19 +95,19 @@ impl Broker for MemoryBroker {
             }
         }
         // Still under the log lock: concurrent publishes reach subscribers in id order.
-        if self.subscribed.lock().unwrap().contains(&event.msg.room) {
+        if self.subscribed.lock().contains(&event.msg.room) {
             self.sink.room_event(event);
         }
         Ok(id)
     }
 
     fn subscribe(&self, room: &RoomName) -> Subscribed {
-        self.subscribed.lock().unwrap().insert(room.clone());
+        self.subscribed.lock().insert(room.clone());
         ready()
     }
 
     fn unsubscribe(&self, room: &RoomName) {
-        self.subscribed.lock().unwrap().remove(room);
+        self.subscribed.lock().remove(room);
     }
 
     async fn history_after(
@@ -114,7 +116,7 @@ impl Broker for MemoryBroker {
         after: MessageId,
         limit: usize,
     ) -> Result<History, BrokerError> {
-        let logs = self.logs.lock().unwrap();
+        let logs = self.logs.lock();
         let Some(log) = logs.get(room) else {
             return Ok(History::default());
         };
@@ -128,19 +130,19 @@ impl Broker for MemoryBroker {
     }
 
     async fn send_direct(&self, msg: DirectMessage) -> Result<(), BrokerError> {
-        if self.users.lock().unwrap().contains(&msg.to) {
+        if self.users.lock().contains(&msg.to) {
             self.sink.direct(Arc::new(msg));
         }
         Ok(())
     }
 
     fn subscribe_user(&self, user: &Arc<str>) -> Subscribed {
-        self.users.lock().unwrap().insert(user.clone());
+        self.users.lock().insert(user.clone());
         ready()
     }
 
     fn unsubscribe_user(&self, user: &Arc<str>) {
-        self.users.lock().unwrap().remove(user);
+        self.users.lock().remove(user);
     }
 
     async fn track(
@@ -150,7 +152,7 @@ impl Broker for MemoryBroker {
         max_entries: usize,
     ) -> Result<Tracked, BrokerError> {
         let replaced = {
-            let mut presence = self.presence.lock().unwrap();
+            let mut presence = self.presence.lock();
             let entries = presence.entry(room.clone()).or_default();
             let old = entries.iter().position(|e| e.conn_id == entry.conn_id);
             if old.is_none() && entries.len() >= max_entries {
@@ -173,7 +175,7 @@ impl Broker for MemoryBroker {
 
     async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {
         let removed = {
-            let mut presence = self.presence.lock().unwrap();
+            let mut presence = self.presence.lock();
             let Some(entries) = presence.get_mut(room) else {
                 return Ok(());
             };
@@ -197,22 +199,16 @@ impl Broker for MemoryBroker {
     }
 
     async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError> {
-        Ok(self
-            .presence
-            .lock()
-            .unwrap()
-            .get(room)
-            .cloned()
-            .unwrap_or_default())
+        Ok(self.presence.lock().get(room).cloned().unwrap_or_default())
     }
 
     async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
-        *self.me.lock().unwrap() = Some(me.clone());
+        *self.me.lock() = Some(me.clone());
         Ok(())
     }
 
     async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
-        Ok(self.me.lock().unwrap().iter().cloned().collect())
+        Ok(self.me.lock().iter().cloned().collect())
     }
 }
 

@@ -8,8 +8,10 @@
 //! for replicas, so an acked message survives the master's loss.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+
+use parking_lot::RwLock;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
@@ -213,7 +215,6 @@ impl RedisBroker {
         self.shared
             .master
             .read()
-            .unwrap()
             .clone()
             .ok_or_else(|| unavailable("no Redis master connected"))
     }
@@ -316,7 +317,7 @@ impl Broker for RedisBroker {
         limit: usize,
     ) -> Result<History, BrokerError> {
         let replica = if self.shared.cfg.read_from_replicas {
-            self.shared.replica.read().unwrap().clone()
+            self.shared.replica.read().clone()
         } else {
             None
         };
@@ -623,8 +624,8 @@ async fn supervise(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Co
                     return;
                 }
                 shared.ready.store(false, Ordering::SeqCst);
-                *shared.master.write().unwrap() = None;
-                *shared.replica.write().unwrap() = None;
+                *shared.master.write() = None;
+                *shared.replica.write() = None;
                 crate::telemetry::metric::broker_reconnect();
                 tracing::warn!(
                     connected_for_ms = started.elapsed().as_millis() as u64,
@@ -724,8 +725,8 @@ async fn connect(shared: &Shared) -> Result<Connected, RedisError> {
         },
         None => None,
     };
-    *shared.master.write().unwrap() = Some(master.clone());
-    *shared.replica.write().unwrap() = replica;
+    *shared.master.write() = Some(master.clone());
+    *shared.replica.write() = replica;
     tracing::info!(
         master = %client.get_connection_info().addr(),
         replicas = replicas.len(),

@@ -9,8 +9,10 @@ pub mod queue;
 pub mod session;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
@@ -154,15 +156,15 @@ impl Hub {
     }
 
     pub fn connections(&self) -> usize {
-        self.sessions.lock().unwrap().len()
+        self.sessions.lock().len()
     }
 
     pub fn room_count(&self) -> usize {
-        self.rooms.read().unwrap().len()
+        self.rooms.read().len()
     }
 
     pub fn sessions(&self) -> Vec<Arc<Session>> {
-        self.sessions.lock().unwrap().values().cloned().collect()
+        self.sessions.lock().values().cloned().collect()
     }
 
     /// Adds `session` to `room`, subscribing the room at the broker if it is the first member.
@@ -175,7 +177,7 @@ impl Hub {
         echo_self: bool,
         replay: bool,
     ) -> Joined {
-        let mut rooms = self.rooms.write().unwrap();
+        let mut rooms = self.rooms.write();
         let entry = rooms.entry(room.clone()).or_insert_with(|| {
             metric::rooms_changed(1);
             Room {
@@ -209,7 +211,7 @@ impl Hub {
     /// Removes `session` from `room`; unsubscribes the room when it was the last member.
     /// Returns whether it was a member.
     fn leave(&self, broker: &dyn Broker, room: &RoomName, session_id: u64) -> bool {
-        let mut rooms = self.rooms.write().unwrap();
+        let mut rooms = self.rooms.write();
         let Some(entry) = rooms.get_mut(room) else {
             return false;
         };
@@ -233,7 +235,7 @@ impl Hub {
     /// `delivered_through`, and delivers live from now on. Runs under the rooms lock so no
     /// event slips between the buffer and the queue.
     fn finish_replay(&self, room: &RoomName, session_id: u64, delivered_through: MessageId) {
-        let mut rooms = self.rooms.write().unwrap();
+        let mut rooms = self.rooms.write();
         let Some(member) = rooms
             .get_mut(room)
             .and_then(|r| r.members.iter_mut().find(|m| m.session.id == session_id))
@@ -243,7 +245,7 @@ impl Hub {
         let Some(buffer) = member.replay_buffer.take() else {
             return;
         };
-        let held = std::mem::take(&mut *buffer.lock().unwrap());
+        let held = std::mem::take(&mut *buffer.lock());
         for event in held.iter().filter(|e| e.id > delivered_through) {
             let frame = room_event_frame(event);
             metric::delivered(event.msg.kind.as_str(), 1);
@@ -261,8 +263,8 @@ impl Hub {
         limits: ConnectionLimits,
     ) -> Result<Option<Subscribed>, ConnectionLimit> {
         // Both locks at once, so concurrent connects cannot overshoot either limit.
-        let mut users = self.users.write().unwrap();
-        let mut sessions = self.sessions.lock().unwrap();
+        let mut users = self.users.write();
+        let mut sessions = self.sessions.lock();
         if sessions.len() >= limits.per_instance {
             return Err(ConnectionLimit::Instance);
         }
@@ -278,10 +280,10 @@ impl Hub {
     }
 
     fn remove_session(&self, broker: &dyn Broker, session: &Session) {
-        if self.sessions.lock().unwrap().remove(&session.id).is_some() {
+        if self.sessions.lock().remove(&session.id).is_some() {
             metric::connections_changed(-1);
         }
-        let mut users = self.users.write().unwrap();
+        let mut users = self.users.write();
         let user = &session.identity.user_id;
         if let Some(list) = users.get_mut(user) {
             list.retain(|s| s.id != session.id);
@@ -362,7 +364,7 @@ impl Deliver for Hub {
             .as_ref()
             .filter(|o| o.instance == self.instance_id)
             .map(|o| o.session);
-        let rooms = self.rooms.read().unwrap();
+        let rooms = self.rooms.read();
         let Some(room) = rooms.get(&event.msg.room) else {
             return;
         };
@@ -373,7 +375,7 @@ impl Deliver for Hub {
                 continue;
             }
             if let Some(buffer) = &member.replay_buffer {
-                buffer.lock().unwrap().push(event.clone());
+                buffer.lock().push(event.clone());
                 continue;
             }
             member.session.send(frame.clone());
@@ -389,7 +391,7 @@ impl Deliver for Hub {
     }
 
     fn direct(&self, msg: Arc<DirectMessage>) {
-        let users = self.users.read().unwrap();
+        let users = self.users.read();
         let Some(sessions) = users.get(&msg.to) else {
             return;
         };
@@ -416,7 +418,7 @@ impl Deliver for Hub {
         });
         let frame =
             Utf8Bytes::from(ServerFrame::new("presence_diff", Some(&diff.room), &data).to_json());
-        let rooms = self.rooms.read().unwrap();
+        let rooms = self.rooms.read();
         if let Some(room) = rooms.get(&diff.room) {
             for m in &room.members {
                 m.session.send(frame.clone());

@@ -3,8 +3,8 @@
 //! Producers (fan-out, request handlers) push without waiting; the connection's writer task
 //! drains the queue. Frames are shared bytes: pushing one to many queues copies no payload.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
@@ -95,7 +95,7 @@ impl SendQueue {
     }
 
     pub fn push(&self, frame: Utf8Bytes) -> Pushed {
-        let mut q = self.inner.lock().unwrap();
+        let mut q = self.inner.lock();
         if q.close.is_some() {
             return Pushed::Closed;
         }
@@ -143,7 +143,7 @@ impl SendQueue {
     /// with a `ref` gets its answer. They stay bounded because the reader stops reading new
     /// requests while the queue is full (see [`SendQueue::wait_for_room`]).
     pub fn push_reply(&self, frame: Utf8Bytes) {
-        let mut q = self.inner.lock().unwrap();
+        let mut q = self.inner.lock();
         if q.close.is_some() {
             return;
         }
@@ -159,7 +159,7 @@ impl SendQueue {
         loop {
             let space = self.space.notified();
             {
-                let q = self.inner.lock().unwrap();
+                let q = self.inner.lock();
                 if q.has_room(self.max, self.max_bytes) || q.close.is_some() {
                     return;
                 }
@@ -170,7 +170,7 @@ impl SendQueue {
 
     /// Asks the writer for a WebSocket ping (liveness).
     pub fn ping(&self) {
-        let mut q = self.inner.lock().unwrap();
+        let mut q = self.inner.lock();
         if q.close.is_none() {
             q.ping = true;
             drop(q);
@@ -181,7 +181,7 @@ impl SendQueue {
     /// Closes the connection after the frames already queued (or at once, discarding them).
     /// Returns false if it was already closing.
     pub fn close(&self, code: u16, reason: &'static str, discard_pending: bool) -> bool {
-        let mut q = self.inner.lock().unwrap();
+        let mut q = self.inner.lock();
         if q.close.is_some() {
             return false;
         }
@@ -199,11 +199,11 @@ impl SendQueue {
     }
 
     pub fn is_closing(&self) -> bool {
-        self.inner.lock().unwrap().close.is_some()
+        self.inner.lock().close.is_some()
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap().frames.len()
+        self.inner.lock().frames.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -215,7 +215,7 @@ impl SendQueue {
     pub async fn next_batch(&self, batch: &mut Batch) -> Option<()> {
         loop {
             {
-                let mut q = self.inner.lock().unwrap();
+                let mut q = self.inner.lock();
                 if q.finished {
                     return None;
                 }
