@@ -454,22 +454,33 @@ impl Connection {
         let mut reply = Ok(Some("{}".to_string()));
         if let Some(since) = since {
             let mut delivered_through = since;
+            // One more than the limit: more than `replay_limit` missing is a gap, never a
+            // partial replay of the newest.
+            let limit = gw.config.broker.replay_limit;
             match gw
                 .broker
-                .history_after(&room, since, gw.config.broker.replay_limit)
+                .history_after(&room, since, limit.saturating_add(1))
                 .await
             {
-                Ok(history) if history.gap => {
+                Ok(history) if history.gap || history.events.len() > limit => {
                     // The client is told; it gets live messages from here on.
-                    reply = Err(Refusal::new(
-                        ErrorCode::HistoryGap,
-                        "messages after `since` are no longer retained",
-                    ));
+                    let why = if history.gap {
+                        "messages after `since` are no longer retained"
+                    } else {
+                        "more messages after `since` than broker.replay_limit"
+                    };
+                    reply = Err(Refusal::new(ErrorCode::HistoryGap, why));
                     delivered_through = MessageId::ZERO;
                 }
                 Ok(history) => {
+                    // Complete whatever the queue size: each frame waits for room (the client
+                    // reading is the backpressure) and is never dropped by the overflow policy.
+                    // Live events meanwhile wait in the member's replay buffer.
                     for event in &history.events {
-                        self.session.send(super::room_event_frame(event));
+                        self.session.queue.wait_for_room().await;
+                        self.session
+                            .queue
+                            .push_reply(super::room_event_frame(event));
                         delivered_through = event.id;
                     }
                 }
