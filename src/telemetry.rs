@@ -159,6 +159,10 @@ pub mod metric {
             "Time for the broker to store and fan out a publish"
         );
         describe_counter!(
+            "rtgate_overflow_notices_total",
+            "`overflow` notices sent: a room lost messages to a connection's overflow policy"
+        );
+        describe_counter!(
             "rtgate_jwks_refresh_total",
             "JWKS fetches (at start, periodic, and for unknown key ids), by result"
         );
@@ -186,6 +190,11 @@ pub mod metric {
 
     pub fn dropped(policy: OverflowPolicy) {
         counter!("rtgate_dropped_frames_total", "policy" => policy.as_str()).increment(1);
+    }
+
+    /// A connection was told which room lost messages and from where to recover them.
+    pub fn overflow_notice() {
+        counter!("rtgate_overflow_notices_total").increment(1);
     }
 
     /// A broker payload that failed validation and was skipped.

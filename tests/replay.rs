@@ -144,3 +144,113 @@ async fn more_missing_than_the_replay_limit_is_a_gap_with_nothing_replayed() {
         .expect("live after the gap");
     assert_eq!(live["data"]["n"], 100);
 }
+
+// ---- overflow notices ---------------------------------------------------------------------
+
+fn parse_id(id: &str) -> (u64, u64) {
+    let (hi, lo) = id.split_once('-').expect("id is <hi>-<lo>");
+    (hi.parse().expect("hi"), lo.parse().expect("lo"))
+}
+
+/// A client that stops reading while ~12 MiB are published to its room loses frames to the
+/// overflow policy; it is told, per room, from where to recover, and rejoining with that
+/// `since` gives it back exactly what it missed.
+async fn overflow_is_announced_and_recoverable(policy: &str) {
+    const N: usize = 400;
+    let server = Server::start(&format!(
+        "[ws]\nsend_queue_max = 8\noverflow_policy = \"{policy}\"\n\
+         rate_limit_per_sec = 100000\nrate_limit_burst = 100000\n\
+         [broker]\nhistory_size = 2000\nreplay_limit = 2000"
+    ))
+    .await;
+    let room = "public:overflow";
+    let mut slow = Client::connect_small_rcvbuf(&server.ws_url(&token("slow", false, 3600))).await;
+    slow.read_welcome().await;
+    slow.join(room).await;
+    let mut publisher = server.user("p").await;
+    let filler = "x".repeat(32 * 1024 - 200);
+    let mut ids = Vec::with_capacity(N);
+    // One at a time: the publisher's own queue never overflows.
+    for i in 0..N {
+        ids.push(
+            publisher
+                .publish(room, json!({"n": i, "pad": filler}))
+                .await,
+        );
+    }
+    assert!(
+        server
+            .metric_sum(
+                "rtgate_dropped_frames_total",
+                &format!("policy=\"{policy}\"")
+            )
+            .await
+            > 0.0,
+        "the flood dropped nothing: the test proves nothing"
+    );
+
+    // Read everything: messages and notices, in arrival order.
+    let mut received: Vec<String> = Vec::new();
+    let mut notices: Vec<(String, usize)> = Vec::new(); // (since, messages received before it)
+    for _ in 0..N * 4 {
+        let Some(v) = slow.recv_json(Duration::from_millis(1500)).await else {
+            break;
+        };
+        if v["type"] == "message" && v["room"] == room {
+            received.push(v["id"].as_str().expect("id").to_string());
+        } else if v["type"] == "system" && v["room"] == room && v["data"]["event"] == "overflow" {
+            let since = v["data"]["since"].as_str().expect("since").to_string();
+            notices.push((since, received.len()));
+        }
+    }
+    assert!(
+        !notices.is_empty(),
+        "frames were dropped but no overflow notice came"
+    );
+    assert!(received.len() < N, "nothing was dropped for this client");
+    for (since, seen_before) in &notices {
+        assert!(
+            received[..*seen_before].contains(since),
+            "notice since {since} is not a message the client was given before it"
+        );
+    }
+    // Every missed message is after the `since` of a notice.
+    let missed: Vec<&String> = ids.iter().filter(|id| !received.contains(id)).collect();
+    assert!(!missed.is_empty());
+    for m in &missed {
+        assert!(
+            notices.iter().any(|(s, _)| parse_id(s) < parse_id(m)),
+            "missed {m} is covered by no notice"
+        );
+    }
+
+    // Recover as the SDK does: rejoin with each notice's `since`; nothing stays missing.
+    let mut recovered: Vec<String> = received.clone();
+    for (since, _) in &notices {
+        slow.leave(room).await;
+        let (replayed, reply) = join_since(&mut slow, room, since).await;
+        assert_eq!(reply["type"], "ack", "rejoin with {since}: {reply}");
+        for m in replayed {
+            let id = m["id"].as_str().expect("id").to_string();
+            if !recovered.contains(&id) {
+                recovered.push(id);
+            }
+        }
+    }
+    recovered.sort_by_key(|id| parse_id(id));
+    assert_eq!(
+        recovered, ids,
+        "after recovery every message is there exactly once"
+    );
+    assert!(server.metric_sum("rtgate_overflow_notices_total", "").await >= notices.len() as f64);
+}
+
+#[tokio::test]
+async fn drop_oldest_overflow_is_announced_and_recoverable() {
+    overflow_is_announced_and_recoverable("drop_oldest").await;
+}
+
+#[tokio::test]
+async fn drop_new_overflow_is_announced_and_recoverable() {
+    overflow_is_announced_and_recoverable("drop_new").await;
+}

@@ -29,7 +29,7 @@ use crate::broker::{
 use crate::config::Config;
 use crate::protocol::{ServerFrame, close, format_ts};
 use crate::telemetry::{metric, trace};
-use queue::{Pushed, SendQueue};
+use queue::{EventMark, Pushed, SendQueue};
 
 /// One WebSocket connection, as the rest of the instance sees it.
 pub struct Session {
@@ -49,7 +49,16 @@ pub struct Session {
 impl Session {
     /// Queues a frame, applying the overflow policy.
     pub fn send(&self, frame: Utf8Bytes) {
-        match self.queue.push(frame) {
+        self.push(frame, None);
+    }
+
+    /// Queues a room message; if the overflow policy drops it, the room's loss is announced.
+    pub fn send_event(&self, frame: Utf8Bytes, mark: &Arc<EventMark>) {
+        self.push(frame, Some(mark));
+    }
+
+    fn push(&self, frame: Utf8Bytes, mark: Option<&Arc<EventMark>>) {
+        match self.queue.push(frame, mark) {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::Dropped => metric::dropped(self.queue.policy()),
             Pushed::Overflowed => {
@@ -84,6 +93,8 @@ struct Room {
     members: Vec<Member>,
     /// Resolves once the broker delivers this room here.
     subscribed: Shared<Subscribed>,
+    /// The newest message delivered here: the `since` that recovers the next one.
+    last_id: Mutex<MessageId>,
 }
 
 /// This instance's sessions, rooms and users.
@@ -183,6 +194,7 @@ impl Hub {
             Room {
                 members: Vec::new(),
                 subscribed: broker.subscribe(room).shared(),
+                last_id: Mutex::new(MessageId::ZERO),
             }
         });
         let subscribed = entry.subscribed.clone();
@@ -236,9 +248,17 @@ impl Hub {
     /// event slips between the buffer and the queue.
     fn finish_replay(&self, room: &RoomName, session_id: u64, delivered_through: MessageId) {
         let mut rooms = self.rooms.write();
-        let Some(member) = rooms
-            .get_mut(room)
-            .and_then(|r| r.members.iter_mut().find(|m| m.session.id == session_id))
+        let Some(entry) = rooms.get_mut(room) else {
+            return;
+        };
+        {
+            let mut last = entry.last_id.lock();
+            *last = (*last).max(delivered_through);
+        }
+        let Some(member) = entry
+            .members
+            .iter_mut()
+            .find(|m| m.session.id == session_id)
         else {
             return;
         };
@@ -246,11 +266,17 @@ impl Hub {
             return;
         };
         let held = std::mem::take(&mut *buffer.lock());
+        let mut prev = delivered_through;
         for event in held.iter().filter(|e| e.id > delivered_through) {
             let frame = room_event_frame(event);
             metric::delivered(event.msg.kind.as_str(), 1);
             metric::bytes_out(frame.len() as u64);
-            member.session.send(frame);
+            let mark = Arc::new(EventMark {
+                room: room.clone(),
+                prev,
+            });
+            member.session.send_event(frame, &mark);
+            prev = event.id;
         }
     }
 
@@ -368,6 +394,16 @@ impl Deliver for Hub {
         let Some(room) = rooms.get(&event.msg.room) else {
             return;
         };
+        let prev = {
+            let mut last = room.last_id.lock();
+            let prev = *last;
+            *last = prev.max(event.id);
+            prev
+        };
+        let mark = Arc::new(EventMark {
+            room: event.msg.room.clone(),
+            prev,
+        });
         metric::delivery_latency(event.msg.ts_ms);
         let mut delivered = 0u64;
         for member in &room.members {
@@ -378,7 +414,7 @@ impl Deliver for Hub {
                 buffer.lock().push(event.clone());
                 continue;
             }
-            member.session.send(frame.clone());
+            member.session.send_event(frame.clone(), &mark);
             delivered += 1;
         }
         metric::delivered(event.msg.kind.as_str(), delivered);

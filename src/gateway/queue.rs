@@ -5,12 +5,15 @@
 
 use parking_lot::Mutex;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
 
+use crate::broker::{MessageId, RoomName};
 use crate::config::OverflowPolicy;
-use crate::protocol::close;
+use crate::protocol::{ServerFrame, close};
+use crate::telemetry::metric;
 
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +33,21 @@ pub struct CloseFrame {
     pub reason: Utf8Bytes,
 }
 
+/// Where a room message stands in its room, so that dropping it can be announced. One per
+/// event per instance, shared by every recipient.
+#[derive(Debug)]
+pub struct EventMark {
+    pub room: RoomName,
+    /// The room's message delivered here just before this one (`0-0` if none yet): the
+    /// `since` that recovers this message and every later one.
+    pub prev: MessageId,
+}
+
 /// A queued frame; replies to the connection's own requests are never dropped.
 struct Queued {
     frame: Utf8Bytes,
     reply: bool,
+    mark: Option<Arc<EventMark>>,
 }
 
 #[derive(Default)]
@@ -45,6 +59,9 @@ struct Inner {
     close: Option<CloseFrame>,
     /// The writer took the close frame: nothing more will be written.
     finished: bool,
+    /// Rooms that lost messages to the overflow policy, with the `since` that recovers them;
+    /// announced when the writer next takes frames.
+    lost: Vec<(RoomName, MessageId)>,
 }
 
 /// What the writer takes in one go.
@@ -75,6 +92,21 @@ impl Inner {
     fn has_room(&self, max: usize, max_bytes: usize) -> bool {
         self.frames.len() < max && self.bytes < max_bytes
     }
+
+    /// Remembers that a room lost a message; the first loss of a room sets its `since`.
+    fn record_loss(&mut self, mark: Option<&Arc<EventMark>>) {
+        let Some(mark) = mark else { return };
+        if !self.lost.iter().any(|(room, _)| *room == mark.room) {
+            self.lost.push((mark.room.clone(), mark.prev));
+        }
+    }
+}
+
+/// `{"type":"system","room":R,"data":{"event":"overflow","since":S}}` (PROTOCOL.md, "Slow
+/// consumers").
+fn overflow_notice(room: &str, since: MessageId) -> Utf8Bytes {
+    let data = serde_json::json!({"event": "overflow", "since": since.to_string()});
+    Utf8Bytes::from(ServerFrame::new("system", Some(room), &data).to_json())
 }
 
 impl SendQueue {
@@ -94,7 +126,9 @@ impl SendQueue {
         self.policy
     }
 
-    pub fn push(&self, frame: Utf8Bytes) -> Pushed {
+    /// Queues a frame, applying the overflow policy. `mark` tells which room message it is,
+    /// so that losing it is announced.
+    pub fn push(&self, frame: Utf8Bytes, mark: Option<&Arc<EventMark>>) -> Pushed {
         let mut q = self.inner.lock();
         if q.close.is_some() {
             return Pushed::Closed;
@@ -107,15 +141,24 @@ impl SendQueue {
                     while q.is_full(self.max, self.max_bytes, frame.len()) {
                         let Some(oldest) = q.frames.iter().position(|f| !f.reply) else {
                             // Only replies queued: this frame is the one dropped.
+                            q.record_loss(mark);
+                            drop(q);
+                            self.wake.notify_one();
                             return Pushed::Dropped;
                         };
                         if let Some(old) = q.frames.remove(oldest) {
                             q.bytes -= old.frame.len();
+                            q.record_loss(old.mark.as_ref());
                         }
                     }
                     outcome = Pushed::Dropped;
                 }
-                OverflowPolicy::DropNew => return Pushed::Dropped,
+                OverflowPolicy::DropNew => {
+                    q.record_loss(mark);
+                    drop(q);
+                    self.wake.notify_one();
+                    return Pushed::Dropped;
+                }
                 OverflowPolicy::Disconnect => {
                     q.frames.clear();
                     q.bytes = 0;
@@ -133,6 +176,7 @@ impl SendQueue {
         q.frames.push_back(Queued {
             frame,
             reply: false,
+            mark: mark.cloned(),
         });
         drop(q);
         self.wake.notify_one();
@@ -148,7 +192,11 @@ impl SendQueue {
             return;
         }
         q.bytes += frame.len();
-        q.frames.push_back(Queued { frame, reply: true });
+        q.frames.push_back(Queued {
+            frame,
+            reply: true,
+            mark: None,
+        });
         drop(q);
         self.wake.notify_one();
     }
@@ -219,9 +267,17 @@ impl SendQueue {
                 if q.finished {
                     return None;
                 }
-                if !q.frames.is_empty() || q.ping || q.close.is_some() {
+                if !q.frames.is_empty() || q.ping || q.close.is_some() || !q.lost.is_empty() {
                     batch.frames.extend(q.frames.drain(..).map(|f| f.frame));
                     q.bytes = 0;
+                    if q.close.is_none() {
+                        // The queue is empty now: tell the client what it lost, after the
+                        // frames it keeps.
+                        for (room, since) in q.lost.drain(..) {
+                            metric::overflow_notice();
+                            batch.frames.push(overflow_notice(&room, since));
+                        }
+                    }
                     batch.ping = std::mem::take(&mut q.ping);
                     batch.close = q.close.clone();
                     q.finished = q.close.is_some();
@@ -256,9 +312,9 @@ mod tests {
     #[tokio::test]
     async fn drop_oldest_keeps_newest() {
         let q = SendQueue::new(2, usize::MAX, OverflowPolicy::DropOldest);
-        assert_eq!(q.push(f("1")), Pushed::Queued);
-        assert_eq!(q.push(f("2")), Pushed::Queued);
-        assert_eq!(q.push(f("3")), Pushed::Dropped);
+        assert_eq!(q.push(f("1"), None), Pushed::Queued);
+        assert_eq!(q.push(f("2"), None), Pushed::Queued);
+        assert_eq!(q.push(f("3"), None), Pushed::Dropped);
         assert_eq!(drain(&q).await.frames, vec![f("2"), f("3")]);
     }
 
@@ -266,26 +322,26 @@ mod tests {
     async fn drop_oldest_never_drops_a_reply() {
         let q = SendQueue::new(2, usize::MAX, OverflowPolicy::DropOldest);
         q.push_reply(f("ack"));
-        q.push(f("1"));
-        assert_eq!(q.push(f("2")), Pushed::Dropped);
+        q.push(f("1"), None);
+        assert_eq!(q.push(f("2"), None), Pushed::Dropped);
         assert_eq!(drain(&q).await.frames, vec![f("ack"), f("2")]);
     }
 
     #[tokio::test]
     async fn drop_new_keeps_oldest() {
         let q = SendQueue::new(2, usize::MAX, OverflowPolicy::DropNew);
-        q.push(f("1"));
-        q.push(f("2"));
-        assert_eq!(q.push(f("3")), Pushed::Dropped);
+        q.push(f("1"), None);
+        q.push(f("2"), None);
+        assert_eq!(q.push(f("3"), None), Pushed::Dropped);
         assert_eq!(drain(&q).await.frames, vec![f("1"), f("2")]);
     }
 
     #[tokio::test]
     async fn disconnect_closes_with_1013() {
         let q = SendQueue::new(1, usize::MAX, OverflowPolicy::Disconnect);
-        q.push(f("1"));
-        assert_eq!(q.push(f("2")), Pushed::Overflowed);
-        assert_eq!(q.push(f("3")), Pushed::Closed);
+        q.push(f("1"), None);
+        assert_eq!(q.push(f("2"), None), Pushed::Overflowed);
+        assert_eq!(q.push(f("3"), None), Pushed::Closed);
         let b = drain(&q).await;
         assert!(b.frames.is_empty());
         assert_eq!(b.close.unwrap().code, 1013);
@@ -297,31 +353,67 @@ mod tests {
     async fn byte_budget_applies_the_policy() {
         // 10 frames allowed, but only 6 bytes.
         let q = SendQueue::new(10, 6, OverflowPolicy::DropOldest);
-        assert_eq!(q.push(f("aaa")), Pushed::Queued);
-        assert_eq!(q.push(f("bbb")), Pushed::Queued);
-        assert_eq!(q.push(f("cc")), Pushed::Dropped);
+        assert_eq!(q.push(f("aaa"), None), Pushed::Queued);
+        assert_eq!(q.push(f("bbb"), None), Pushed::Queued);
+        assert_eq!(q.push(f("cc"), None), Pushed::Dropped);
         assert_eq!(drain(&q).await.frames, vec![f("bbb"), f("cc")]);
 
         let q = SendQueue::new(10, 6, OverflowPolicy::DropNew);
-        q.push(f("aaaa"));
-        assert_eq!(q.push(f("bbb")), Pushed::Dropped);
+        q.push(f("aaaa"), None);
+        assert_eq!(q.push(f("bbb"), None), Pushed::Dropped);
         assert_eq!(drain(&q).await.frames, vec![f("aaaa")]);
 
         let q = SendQueue::new(10, 6, OverflowPolicy::Disconnect);
-        q.push(f("aaaa"));
-        assert_eq!(q.push(f("bbb")), Pushed::Overflowed);
+        q.push(f("aaaa"), None);
+        assert_eq!(q.push(f("bbb"), None), Pushed::Overflowed);
         assert_eq!(drain(&q).await.close.unwrap().code, 1013);
 
         // A frame over the whole budget still reaches an empty queue.
         let q = SendQueue::new(10, 6, OverflowPolicy::DropNew);
-        assert_eq!(q.push(f("0123456789")), Pushed::Queued);
+        assert_eq!(q.push(f("0123456789"), None), Pushed::Queued);
         assert_eq!(drain(&q).await.frames, vec![f("0123456789")]);
+    }
+
+    #[tokio::test]
+    async fn a_drop_is_announced_once_per_room_after_the_kept_frames() {
+        let mark = |room: &str, prev: u64| {
+            Arc::new(EventMark {
+                room: room.into(),
+                prev: MessageId::new(prev, 0),
+            })
+        };
+        let q = SendQueue::new(2, usize::MAX, OverflowPolicy::DropOldest);
+        q.push(f("a1"), Some(&mark("a", 0)));
+        q.push(f("a2"), Some(&mark("a", 1)));
+        // Drops a1, then a2: room a lost from after 0-0 (the first loss counts).
+        q.push(f("b1"), Some(&mark("b", 0)));
+        q.push(f("b2"), Some(&mark("b", 10)));
+        let frames: Vec<String> = drain(&q)
+            .await
+            .frames
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        assert_eq!(frames[..2], ["b1", "b2"]);
+        assert_eq!(frames.len(), 3);
+        assert!(frames[2].contains(r#""room":"a""#), "{}", frames[2]);
+        assert!(frames[2].contains(r#""since":"0-0""#), "{}", frames[2]);
+        // Announced once.
+        q.push(f("c"), None);
+        assert_eq!(drain(&q).await.frames, vec![f("c")]);
+
+        let q = SendQueue::new(1, usize::MAX, OverflowPolicy::DropNew);
+        q.push(f("a1"), Some(&mark("a", 0)));
+        assert_eq!(q.push(f("a2"), Some(&mark("a", 1))), Pushed::Dropped);
+        let frames = drain(&q).await.frames;
+        assert_eq!(frames[0], f("a1"));
+        assert!(frames[1].contains(r#""since":"1-0""#), "{}", frames[1]);
     }
 
     #[tokio::test]
     async fn close_after_pending_frames() {
         let q = SendQueue::new(4, usize::MAX, OverflowPolicy::DropOldest);
-        q.push(f("bye"));
+        q.push(f("bye"), None);
         assert!(q.close(1001, "draining", false));
         assert!(!q.close(1000, "again", false));
         let b = drain(&q).await;
