@@ -278,6 +278,17 @@ pub struct BrokerConfig {
     pub history_size: usize,
     /// Most messages replayed for one `join` with `since`.
     pub replay_limit: usize,
+    /// How long a publish's `idempotency_key` is remembered.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+    /// Most idempotency keys one process remembers (memory broker, Kafka without Redis).
+    pub idempotency_max_keys: usize,
+    /// How often the instance sends itself a probe through the broker.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// How long a probe may take to come back before the subscriber is rebuilt.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -286,6 +297,10 @@ impl Default for BrokerConfig {
             kind: BrokerKind::Memory,
             history_size: 1000,
             replay_limit: 10_000,
+            idempotency_window: Duration::from_secs(300),
+            idempotency_max_keys: 100_000,
+            probe_interval: Duration::from_secs(2),
+            probe_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -566,6 +581,18 @@ impl Config {
         }
         if self.broker.history_size == 0 {
             return Err(bad("broker.history_size", "must be at least 1"));
+        }
+        if self.broker.idempotency_window.is_zero() {
+            return Err(bad("broker.idempotency_window", "must be more than 0"));
+        }
+        if self.broker.idempotency_max_keys == 0 {
+            return Err(bad("broker.idempotency_max_keys", "must be at least 1"));
+        }
+        if self.broker.probe_interval.is_zero() || self.broker.probe_timeout.is_zero() {
+            return Err(bad(
+                "broker.probe_interval",
+                "broker.probe_interval and broker.probe_timeout must be more than 0",
+            ));
         }
         if self.heartbeat.interval.is_zero() || self.heartbeat.ttl <= self.heartbeat.interval {
             return Err(bad(

@@ -11,6 +11,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use rtgate::auth::Authenticator;
+use rtgate::broker::idempotency::{IdempotencyStore, LocalIdempotency};
 use rtgate::broker::{Broker, KafkaBroker, MemoryBroker, RedisBroker};
 use rtgate::config::{BrokerKind, Config};
 use rtgate::gateway::{Gateway, Hub};
@@ -181,25 +182,38 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         config.broker.kind.as_str(),
     ));
     let broker: Arc<dyn Broker> = match config.broker.kind {
-        BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone(), config.broker.history_size)),
+        BrokerKind::Memory => Arc::new(
+            MemoryBroker::new(hub.clone(), config.broker.history_size).with_idempotency(
+                config.broker.idempotency_window,
+                config.broker.idempotency_max_keys,
+            ),
+        ),
         BrokerKind::Redis => Arc::new(RedisBroker::start(
             config.redis.clone(),
+            &config.broker,
             config.heartbeat.ttl,
             hub.instance_id().clone(),
             hub.clone(),
         )),
         BrokerKind::Kafka => {
-            // Presence and heartbeats: Redis when configured, else this process only.
-            let side: Arc<dyn Broker> = if config.redis.is_configured() {
-                Arc::new(RedisBroker::start(
-                    config.redis.clone(),
-                    config.heartbeat.ttl,
-                    hub.instance_id().clone(),
-                    hub.clone(),
-                ))
-            } else {
-                Arc::new(MemoryBroker::new(hub.clone(), 1))
-            };
+            // Presence, heartbeats and idempotency keys: Redis when configured, else this
+            // process only.
+            let (side, idempotency): (Arc<dyn Broker>, Arc<dyn IdempotencyStore>) =
+                if config.redis.is_configured() {
+                    let redis = Arc::new(RedisBroker::start(
+                        config.redis.clone(),
+                        &config.broker,
+                        config.heartbeat.ttl,
+                        hub.instance_id().clone(),
+                        hub.clone(),
+                    ));
+                    (redis.clone(), redis)
+                } else {
+                    (
+                        Arc::new(MemoryBroker::new(hub.clone(), 1)),
+                        Arc::new(LocalIdempotency::new(config.broker.idempotency_max_keys)),
+                    )
+                };
             Arc::new(
                 KafkaBroker::start(
                     config.kafka.clone(),
@@ -207,7 +221,8 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
                     hub.clone(),
                     side,
                 )
-                .context("cannot create the Kafka clients")?,
+                .context("cannot create the Kafka clients")?
+                .with_idempotency(idempotency, config.broker.idempotency_window),
             )
         }
     };

@@ -116,6 +116,8 @@ pub struct ClientFrame<'a> {
     pub echo_self: Option<bool>,
     #[serde(rename = "ref", borrow, default)]
     pub reference: Option<&'a RawValue>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// The request kinds a client may send.

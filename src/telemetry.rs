@@ -163,6 +163,22 @@ pub mod metric {
             "`overflow` notices sent: a room lost messages to a connection's overflow policy"
         );
         describe_counter!(
+            "rtgate_idempotent_repeats_total",
+            "Publishes answered with an earlier message's id because their idempotency_key repeated"
+        );
+        describe_counter!(
+            "rtgate_idempotency_evictions_total",
+            "Idempotency keys this process forgot before their window ended (at its key bound)"
+        );
+        describe_counter!(
+            "rtgate_task_restarts_total",
+            "Long-running tasks restarted by their supervisor after they ended or panicked, by task"
+        );
+        describe_counter!(
+            "rtgate_broker_probes_missed_total",
+            "Self-probes not received back through the broker in time (the subscriber is rebuilt)"
+        );
+        describe_counter!(
             "rtgate_jwks_refresh_total",
             "JWKS fetches (at start, periodic, and for unknown key ids), by result"
         );
@@ -195,6 +211,22 @@ pub mod metric {
     /// A connection was told which room lost messages and from where to recover them.
     pub fn overflow_notice() {
         counter!("rtgate_overflow_notices_total").increment(1);
+    }
+
+    pub fn idempotent_repeat() {
+        counter!("rtgate_idempotent_repeats_total").increment(1);
+    }
+
+    pub fn idempotency_eviction() {
+        counter!("rtgate_idempotency_evictions_total").increment(1);
+    }
+
+    pub fn task_restart(task: &'static str) {
+        counter!("rtgate_task_restarts_total", "task" => task).increment(1);
+    }
+
+    pub fn probe_missed() {
+        counter!("rtgate_broker_probes_missed_total").increment(1);
     }
 
     /// A broker payload that failed validation and was skipped.

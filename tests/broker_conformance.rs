@@ -87,6 +87,7 @@ fn message(room: &RoomName, n: u64) -> RoomMessage {
             session: 1,
         }),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        idempotency_key: None,
     }
 }
 
@@ -176,6 +177,124 @@ async fn trimmed_history_is_a_gap(a: &Instance, history_size: usize) {
         .unwrap();
     assert!(!h.gap);
     assert_eq!(h.events.len(), 2);
+}
+
+fn keyed(room: &RoomName, n: u64, sender: Option<&str>, key: &str) -> RoomMessage {
+    RoomMessage {
+        sender_id: sender.map(Arc::from),
+        idempotency_key: Some(key.into()),
+        ..message(room, n)
+    }
+}
+
+async fn repeated_idempotency_keys_publish_once(a: &Instance, b: &Instance) {
+    let room = unique_room("idem");
+    let other_room = unique_room("idem-other");
+    a.broker.subscribe(&room).await.unwrap();
+    b.broker.subscribe(&room).await.unwrap();
+    let first = a
+        .broker
+        .publish(keyed(&room, 1, Some("u1"), "k1"))
+        .await
+        .unwrap();
+    // The same key by the same sender in the same room, through either instance: the first id.
+    for inst in [a, b, a] {
+        let again = inst
+            .broker
+            .publish(keyed(&room, 2, Some("u1"), "k1"))
+            .await
+            .unwrap();
+        assert_eq!(again, first, "a repeated key answers the first id");
+    }
+    // Any other sender, room or key is a new message.
+    let other_sender = b
+        .broker
+        .publish(keyed(&room, 3, Some("u2"), "k1"))
+        .await
+        .unwrap();
+    let server = a.broker.publish(keyed(&room, 4, None, "k1")).await.unwrap();
+    let server_again = b.broker.publish(keyed(&room, 5, None, "k1")).await.unwrap();
+    assert_eq!(server_again, server, "server broadcasts are scoped too");
+    let other_key = a
+        .broker
+        .publish(keyed(&room, 6, Some("u1"), "k2"))
+        .await
+        .unwrap();
+    let elsewhere = a
+        .broker
+        .publish(keyed(&other_room, 7, Some("u1"), "k1"))
+        .await
+        .unwrap();
+    let unkeyed = a.broker.publish(message(&room, 8)).await.unwrap();
+    let want = vec![first, other_sender, server, other_key, unkeyed];
+    let mut sorted = want.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, want, "distinct ids, in publish order");
+    let h = a
+        .broker
+        .history_after(&other_room, MessageId::ZERO, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![elsewhere]
+    );
+    for inst in [a, b] {
+        inst.sink
+            .wait("5 deliveries", |s| s.room_ids(&room).len() >= 5)
+            .await;
+        // Let a stray duplicate arrive if there were one.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            inst.sink.room_ids(&room),
+            want,
+            "each message once, repeats never"
+        );
+    }
+    let h = b
+        .broker
+        .history_after(&room, MessageId::ZERO, 100)
+        .await
+        .unwrap();
+    let stored: Vec<MessageId> = h.events.iter().map(|e| e.id).collect();
+    assert_eq!(stored, want, "repeats are not stored");
+    assert_eq!(
+        h.events[0].msg.data.get(),
+        r#"{"n":1}"#,
+        "the first payload is kept"
+    );
+}
+
+async fn an_unknown_since_is_a_gap(a: &Instance) {
+    let room = unique_room("unknown-since");
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(a.broker.publish(message(&room, n)).await.unwrap());
+    }
+    let last = ids[2];
+    // Ids this history never held: what the broker lost (a restart, a failover), or never had.
+    for since in [
+        MessageId::new(last.hi, last.lo + 1000),
+        MessageId::new(last.hi + 1_000_000, 0),
+    ] {
+        let h = a.broker.history_after(&room, since, 100).await.unwrap();
+        assert!(h.gap, "since {since} is not in the history: a gap");
+    }
+    let empty = unique_room("unknown-since-empty");
+    let h = a.broker.history_after(&empty, last, 100).await.unwrap();
+    assert!(
+        h.gap && h.events.is_empty(),
+        "a since in a room with no history"
+    );
+    let h = a
+        .broker
+        .history_after(&empty, MessageId::ZERO, 100)
+        .await
+        .unwrap();
+    assert!(!h.gap, "0-0 asks for everything: no gap in an empty room");
+    let h = a.broker.history_after(&room, ids[0], 100).await.unwrap();
+    assert!(!h.gap && h.events.len() == 2, "a retained since is no gap");
 }
 
 // Needs two separate instances: used by the distributed backends.
@@ -321,6 +440,18 @@ mod memory {
     }
 
     #[tokio::test]
+    async fn repeated_idempotency_keys_publish_once() {
+        let (a, b) = pair();
+        super::repeated_idempotency_keys_publish_once(&a, &b).await;
+    }
+
+    #[tokio::test]
+    async fn an_unknown_since_is_a_gap() {
+        let (a, _) = pair();
+        super::an_unknown_since_is_a_gap(&a).await;
+    }
+
+    #[tokio::test]
     async fn presence_is_shared_and_diffed() {
         let (a, b) = pair();
         super::presence_is_shared_and_diffed(&a, &b).await;
@@ -372,6 +503,7 @@ mod redis {
             };
             let broker: Arc<dyn Broker> = Arc::new(RedisBroker::start(
                 cfg,
+                &rtgate::config::BrokerConfig::default(),
                 Duration::from_secs(15),
                 id.into(),
                 sink.clone(),
@@ -422,6 +554,12 @@ mod redis {
     redis_case!(direct_reaches_the_users_instance_only, |a, b| {
         super::direct_reaches_the_users_instance_only(&a, &b)
     });
+    redis_case!(repeated_idempotency_keys_publish_once, |a, b| {
+        super::repeated_idempotency_keys_publish_once(&a, &b)
+    });
+    redis_case!(an_unknown_since_is_a_gap, |a, b| {
+        super::an_unknown_since_is_a_gap(&a)
+    });
 
     #[tokio::test]
     async fn trimmed_history_is_a_gap() {
@@ -446,11 +584,12 @@ mod kafka {
     async fn pair(kafka: &KafkaServer, redis: &RedisServer) -> (Instance, Instance) {
         let make = |id: &str| {
             let sink = Arc::new(Recording::default());
-            let side: Arc<dyn Broker> = Arc::new(RedisBroker::start(
+            let side = Arc::new(RedisBroker::start(
                 RedisConfig {
                     url: redis.url(),
                     ..RedisConfig::default()
                 },
+                &rtgate::config::BrokerConfig::default(),
                 Duration::from_secs(15),
                 id.into(),
                 sink.clone(),
@@ -461,8 +600,11 @@ mod kafka {
                 properties: [("batch.num.messages".to_string(), "1".to_string())].into(),
                 ..KafkaConfig::default()
             };
-            let broker: Arc<dyn Broker> =
-                Arc::new(KafkaBroker::start(cfg, id.into(), sink.clone(), side).unwrap());
+            let broker: Arc<dyn Broker> = Arc::new(
+                KafkaBroker::start(cfg, id.into(), sink.clone(), side.clone())
+                    .unwrap()
+                    .with_idempotency(side, Duration::from_secs(300)),
+            );
             Instance { broker, sink }
         };
         let (a, b) = (make("kconf-a"), make("kconf-b"));
@@ -500,6 +642,12 @@ mod kafka {
     });
     kafka_case!(history_replays_after_an_id, |a, b| {
         super::history_replays_after_an_id(&a, &b)
+    });
+    kafka_case!(repeated_idempotency_keys_publish_once, |a, b| {
+        super::repeated_idempotency_keys_publish_once(&a, &b)
+    });
+    kafka_case!(an_unknown_since_is_a_gap, |a, b| {
+        super::an_unknown_since_is_a_gap(&a)
     });
     kafka_case!(presence_is_shared_and_diffed, |a, b| {
         super::presence_is_shared_and_diffed(&a, &b)

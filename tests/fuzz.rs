@@ -285,6 +285,7 @@ fn example_message(sender: bool, traceparent: bool) -> RoomMessage {
         }),
         traceparent: traceparent
             .then(|| "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        idempotency_key: None,
     }
 }
 

@@ -78,10 +78,15 @@ async fn a_plain_kafka_consumer_finds_the_envelope_header_and_escaped_topic() {
             ts_ms: 1_732_183_810_123,
             origin: None,
             traceparent: Some(traceparent.into()),
+            idempotency_key: None,
         })
         .await
         .unwrap();
-    assert_eq!(id.to_string(), "0-0", "first record: partition 0, offset 0");
+    assert_eq!(
+        id.to_string(),
+        "0-1",
+        "first record: partition 0, offset 0, id offset + 1"
+    );
 
     // rdkafka's own consumer, not rtgate's code path.
     let addr = kafka.addr();

@@ -254,3 +254,87 @@ async fn drop_oldest_overflow_is_announced_and_recoverable() {
 async fn drop_new_overflow_is_announced_and_recoverable() {
     overflow_is_announced_and_recoverable("drop_new").await;
 }
+
+/// Publishes until an ack comes back (the broker may still be reconnecting); returns the id.
+async fn publish_when_ready(c: &mut Client, room: &str, data: Value) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = c
+            .request(json!({"type": "message", "room": room, "data": data}))
+            .await;
+        if reply["type"] == "ack" {
+            return reply["data"]["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "publishing never resumed: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Redis restarted without its data: a `since` from before names history that no longer
+/// exists. Before, the rejoin replayed whatever the new stream held, with no gap.
+#[tokio::test]
+async fn redis_that_lost_its_data_answers_history_gap() {
+    use common::redis::{RedisServer, require_redis};
+    if !require_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start_standalone().await;
+    let cfg = format!(
+        "[broker]\nkind = \"redis\"\n[redis]\nurl = \"{}\"\ncommand_timeout = \"500ms\"\n",
+        redis.url()
+    );
+    let server = Server::start(&cfg).await;
+    let room = "public:lost";
+    let mut publisher = server.user("p").await;
+    let before = publish_many(&mut publisher, room, 5).await;
+    // Sanity: before the loss, the same since replays what followed it.
+    let (replayed, reply) = join_since(&mut server.user("a").await, room, &before[2]).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    assert_eq!(numbers(&replayed), vec![3, 4]);
+
+    redis.kill();
+    redis.restart().await; // no persistence: it starts empty
+    let mut after = Vec::new();
+    for n in 10..13 {
+        after.push(publish_when_ready(&mut publisher, room, json!({"n": n})).await);
+    }
+    for since in [&before[2], &before[4]] {
+        let (replayed, reply) = join_since(&mut server.user("b").await, room, since).await;
+        assert!(is_error(&reply, "history_gap"), "since {since}: {reply}");
+        assert!(replayed.is_empty(), "nothing replayed: {replayed:?}");
+    }
+    // A since from the new history is no gap.
+    let (replayed, reply) = join_since(&mut server.user("c").await, room, &after[0]).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    assert_eq!(numbers(&replayed), vec![11, 12]);
+}
+
+/// The memory broker loses its history with the process: a `since` from before a restart is a
+/// gap, not an empty replay.
+#[tokio::test]
+async fn a_since_from_before_a_memory_broker_restart_is_a_gap() {
+    let room = "public:restarted";
+    let old = {
+        let server = Server::start("").await;
+        let mut publisher = server.user("p").await;
+        publish_many(&mut publisher, room, 3).await
+    };
+    let server = Server::start("").await;
+    let (replayed, reply) = join_since(&mut server.user("a").await, room, &old[1]).await;
+    assert!(is_error(&reply, "history_gap"), "{reply}");
+    assert!(replayed.is_empty());
+    let mut publisher = server.user("p").await;
+    let new = publish_many(&mut publisher, room, 2).await;
+    let (replayed, reply) = join_since(&mut server.user("b").await, room, &old[2]).await;
+    assert!(
+        is_error(&reply, "history_gap"),
+        "still a gap with new messages: {reply}"
+    );
+    assert!(replayed.is_empty());
+    let (replayed, reply) = join_since(&mut server.user("c").await, room, &new[0]).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    assert_eq!(numbers(&replayed), vec![1]);
+}

@@ -1,5 +1,6 @@
 //! Kafka broker: one topic per room (`rt.room.<escaped room>.v1`), direct messages on
-//! `rt.direct.v1`, ids from offsets (`<partition>-<offset>`).
+//! `rt.direct.v1`, ids from positions (`<partition>-<offset + 1>`, so that no message has the
+//! id `0-0`, which a `since` uses for "from the start").
 //!
 //! The producer is idempotent with `acks=all`: a publish is acked once Kafka has it. One
 //! consumer per instance reads only the topics of rooms with local members, by assigning their
@@ -24,6 +25,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
+use super::idempotency::{self, Claim, IdempotencyStore, LocalIdempotency};
 use super::wire;
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
@@ -105,6 +107,9 @@ pub struct KafkaBroker {
     side: Arc<dyn Broker>,
     /// Serializes `since` replays on one reader.
     history: tokio::sync::Mutex<Option<BaseConsumer<QuietContext>>>,
+    /// Where `idempotency_key`s are remembered: Redis when configured, else this process.
+    idempotency: Arc<dyn IdempotencyStore>,
+    idempotency_window: Duration,
 }
 
 fn base_config(cfg: &KafkaConfig) -> ClientConfig {
@@ -169,7 +174,39 @@ impl KafkaBroker {
             commands: tx,
             side,
             history: tokio::sync::Mutex::new(None),
+            idempotency: Arc::new(LocalIdempotency::new(100_000)),
+            idempotency_window: Duration::from_secs(300),
         })
+    }
+
+    /// Where and how long `idempotency_key`s are remembered.
+    pub fn with_idempotency(mut self, store: Arc<dyn IdempotencyStore>, window: Duration) -> Self {
+        self.idempotency = store;
+        self.idempotency_window = window;
+        self
+    }
+
+    async fn produce(&self, msg: &RoomMessage) -> Result<MessageId, BrokerError> {
+        let topic = room_topic(&msg.room);
+        ensure_topic(&self.shared, &topic).await?;
+        let payload = wire::encode_message(msg, false);
+        // One partition carries a room, so the room stays totally ordered.
+        let mut record = FutureRecord::<(), _>::to(&topic)
+            .partition(0)
+            .payload(&payload);
+        if let Some(tp) = &msg.traceparent {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: TRACEPARENT,
+                value: Some(tp.as_bytes()),
+            }));
+        }
+        let (partition, offset) = self
+            .shared
+            .producer()
+            .send(record, self.shared.cfg.publish_timeout)
+            .await
+            .map_err(|(e, _)| unavailable(e))?;
+        Ok(record_id(partition, offset))
     }
 }
 
@@ -259,26 +296,29 @@ impl Broker for KafkaBroker {
         if !self.shared.ready.load(Ordering::SeqCst) {
             return Err(unavailable("Kafka is not reachable"));
         }
-        let topic = room_topic(&msg.room);
-        ensure_topic(&self.shared, &topic).await?;
-        let payload = wire::encode_message(&msg, false);
-        // One partition carries a room, so the room stays totally ordered.
-        let mut record = FutureRecord::<(), _>::to(&topic)
-            .partition(0)
-            .payload(&payload);
-        if let Some(tp) = &msg.traceparent {
-            record = record.headers(OwnedHeaders::new().insert(Header {
-                key: TRACEPARENT,
-                value: Some(tp.as_bytes()),
-            }));
+        let Some(scope) = idempotency::scope(&msg) else {
+            return self.produce(&msg).await;
+        };
+        let window = self.idempotency_window;
+        match self.idempotency.claim(&scope, window).await? {
+            Claim::Repeat(id) => {
+                crate::telemetry::metric::idempotent_repeat();
+                Ok(id)
+            }
+            Claim::InFlight => Err(Claim::in_flight_error()),
+            Claim::Fresh => match self.produce(&msg).await {
+                Ok(id) => {
+                    self.idempotency.complete(&scope, id, window).await;
+                    Ok(id)
+                }
+                Err(e) => {
+                    // Not acked, so a retry may publish. A record whose ack was lost in a
+                    // timeout may still be stored: Kafka gives no id to answer a retry with.
+                    self.idempotency.abandon(&scope).await;
+                    Err(e)
+                }
+            },
         }
-        let (partition, offset) = self
-            .shared
-            .producer()
-            .send(record, self.shared.cfg.publish_timeout)
-            .await
-            .map_err(|(e, _)| unavailable(e))?;
-        Ok(MessageId::new(partition as u64, offset as u64))
     }
 
     fn subscribe(&self, room: &RoomName) -> Subscribed {
@@ -339,7 +379,7 @@ impl Broker for KafkaBroker {
         let events = records
             .into_iter()
             .filter_map(|(offset, payload)| {
-                let id = MessageId::new(0, offset as u64);
+                let id = record_id(0, offset);
                 match wire::decode_message(&payload, Some(room), Some(id)) {
                     Ok(event) => Some(Arc::new(event)),
                     Err(e) => {
@@ -417,9 +457,12 @@ fn read_history(
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, timeout)
         .map_err(unavailable)?;
-    let wanted = after.lo as i64 + 1;
+    let wanted = offset_after(after);
     let mut start = wanted.max(low);
-    let mut gap = low > wanted;
+    // A `since` past the log's end, or on another partition, names records the log no longer
+    // has (a broker that lost its data, a topic recreated): what follows may be incomplete.
+    let lost = after.hi != 0 || wanted > high;
+    let mut gap = low > wanted || lost;
     if high - start > limit as i64 {
         start = high - limit as i64;
         gap = true;
@@ -705,8 +748,18 @@ fn assign(consumer: &StreamConsumer<QuietContext>, positions: &HashMap<String, P
     }
 }
 
+/// The id of the record at `offset` of `partition`.
+fn record_id(partition: i32, offset: i64) -> MessageId {
+    MessageId::new(partition.max(0) as u64, offset.max(0) as u64 + 1)
+}
+
+/// The first offset after the record with id `after` (`0-0`: the first offset).
+fn offset_after(after: MessageId) -> i64 {
+    i64::try_from(after.lo).unwrap_or(i64::MAX)
+}
+
 fn deliver_room<M: Message>(shared: &Shared, room: &RoomName, m: &M, payload: &[u8]) {
-    let id = MessageId::new(m.partition() as u64, m.offset() as u64);
+    let id = record_id(m.partition(), m.offset());
     let mut event: RoomEvent = match wire::decode_message(payload, Some(room), Some(id)) {
         Ok(event) => event,
         Err(e) => {

@@ -3,11 +3,13 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use futures_util::FutureExt;
 
+use super::idempotency::{self, LocalIdempotency};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceDiff,
     PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
@@ -46,6 +48,8 @@ pub struct MemoryBroker {
     users: Mutex<HashSet<Arc<str>>>,
     presence: Mutex<HashMap<RoomName, Vec<PresenceEntry>>>,
     me: Mutex<Option<InstanceInfo>>,
+    idempotency: LocalIdempotency,
+    idempotency_window: Duration,
 }
 
 impl MemoryBroker {
@@ -59,7 +63,16 @@ impl MemoryBroker {
             users: Mutex::default(),
             presence: Mutex::default(),
             me: Mutex::default(),
+            idempotency: LocalIdempotency::new(100_000),
+            idempotency_window: Duration::from_secs(300),
         }
+    }
+
+    /// How long and how many `idempotency_key`s are remembered.
+    pub fn with_idempotency(mut self, window: Duration, max_keys: usize) -> Self {
+        self.idempotency = LocalIdempotency::new(max_keys);
+        self.idempotency_window = window;
+        self
     }
 
     fn announce(&self, diff: PresenceDiff) {
@@ -85,7 +98,16 @@ impl Broker for MemoryBroker {
 
     async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
         let mut logs = self.logs.lock();
+        // Checked and recorded under the log lock: a repeat can never race its first.
+        let scope = idempotency::scope(&msg);
+        if let Some(first) = scope.as_deref().and_then(|s| self.idempotency.lookup(s)) {
+            crate::telemetry::metric::idempotent_repeat();
+            return Ok(first);
+        }
         let id = self.clock.lock().next(msg.ts_ms);
+        if let Some(scope) = &scope {
+            self.idempotency.record(scope, id, self.idempotency_window);
+        }
         let event = Arc::new(RoomEvent { id, msg });
         let log = logs.entry(event.msg.room.clone()).or_default();
         log.events.push_back(event.clone());
@@ -118,14 +140,23 @@ impl Broker for MemoryBroker {
     ) -> Result<History, BrokerError> {
         let logs = self.logs.lock();
         let Some(log) = logs.get(room) else {
-            return Ok(History::default());
+            // Nothing retained: a `since` names history this process no longer has (a restart).
+            return Ok(History {
+                events: Vec::new(),
+                gap: after != MessageId::ZERO,
+            });
         };
         let start = log.events.partition_point(|e| e.id <= after);
         let newer = log.events.len() - start;
         let skip = newer.saturating_sub(limit);
+        // `since` must be a retained id, or the newest trimmed one; any other id is history
+        // this process lost (or never had), so what follows it may be incomplete.
+        let known = after == MessageId::ZERO
+            || log.trimmed_through == Some(after)
+            || (start > 0 && log.events[start - 1].id == after);
         Ok(History {
             events: log.events.iter().skip(start + skip).cloned().collect(),
-            gap: skip > 0 || log.trimmed_through.is_some_and(|t| t > after),
+            gap: skip > 0 || !known || log.trimmed_through.is_some_and(|t| t > after),
         })
     }
 

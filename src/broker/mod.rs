@@ -5,6 +5,7 @@
 //! for every message of a room this instance subscribed. Implementations of `Deliver` must not
 //! block: the gateway only queues frames there.
 
+pub mod idempotency;
 pub mod kafka;
 pub mod memory;
 pub mod redis;
@@ -100,6 +101,8 @@ pub struct RoomMessage {
     pub origin: Option<Origin>,
     /// W3C `traceparent` of the publish span, carried to every delivering instance.
     pub traceparent: Option<String>,
+    /// Set by the publisher (validated, see [`idempotency::valid_key`]); never stored.
+    pub idempotency_key: Option<Box<str>>,
 }
 
 /// A stored room message with its id. Shared by every local recipient.

@@ -20,12 +20,13 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Value};
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::idempotency::{self, Claim, IdempotencyStore};
 use super::wire::{self, WirePresence};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
     RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
-use crate::config::RedisConfig;
+use crate::config::{BrokerConfig, RedisConfig};
 
 /// Key and channel names (PROTOCOL.md, "Broker naming").
 mod names {
@@ -45,6 +46,10 @@ mod names {
     pub fn presence(room: &str) -> String {
         format!("rt:presence:{room}")
     }
+    /// A publish's idempotency key, scoped by room and sender (see `idempotency::scope`).
+    pub fn idempotency(scope: &str) -> String {
+        format!("rt:idem:{scope}")
+    }
     pub fn presence_index(instance: &str) -> String {
         format!("rt:presence-of:{instance}")
     }
@@ -56,22 +61,54 @@ mod names {
     pub const USER_PREFIX: &str = "rt:user:";
 }
 
-/// Stores, trims, expires and publishes in one step; the live payload carries the stream id,
-/// so the live id and the history id are the same. Trimming is exact and remembers the newest
-/// id it removed, so a `since` older than the history is reported as a gap.
-/// KEYS: stream, channel, trimmed-id key. ARGV: maxlen, ttl ms, payload.
+/// Checks the idempotency key, stores, trims, expires and (with `publish_now`) publishes, in one
+/// step. The live copy carries the stream id, so the live id and the history id are the same,
+/// and the id stored before it (`prev`), so a subscriber that missed a live copy notices and
+/// reads it from the stream. Trimming is exact and remembers the newest id it removed, so a
+/// `since` older than the history is reported as a gap.
+/// A repeated idempotency key stores nothing and answers the first id, with that entry's live
+/// copy while it is retained (publishing it again is harmless: subscribers drop ids they had).
+/// KEYS: stream, channel, trimmed-id key[, idempotency key].
+/// ARGV: maxlen, ttl ms, payload, publish_now (1 or 0), idempotency window ms.
+/// Returns {id, live copy or '' once published, 1 if a repeat else 0}.
 const PUBLISH_SCRIPT: &str = r#"
+if KEYS[4] then
+  local first = redis.call('GET', KEYS[4])
+  if first then
+    local live = ''
+    local e = redis.call('XRANGE', KEYS[1], first, first)
+    if #e > 0 then
+      local f = e[1][2]
+      for i = 1, #f, 2 do
+        if f[i] == 'm' then live = '{"id":"' .. first .. '",' .. string.sub(f[i + 1], 2) end
+      end
+    end
+    if live ~= '' and ARGV[4] == '1' then
+      redis.call('PUBLISH', KEYS[2], live)
+      live = ''
+    end
+    return {first, live, 1}
+  end
+end
 local maxlen = tonumber(ARGV[1])
 local over = redis.call('XLEN', KEYS[1]) - maxlen + 1
 if over > 0 then
   local gone = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', over)
   redis.call('SET', KEYS[3], gone[#gone][1], 'PX', ARGV[2])
 end
+local prev = '0-0'
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then prev = last[1][1] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'm', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
--- The live copy is the stored JSON with the stream id in front.
-redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[3], 2))
-return id
+if KEYS[4] then redis.call('SET', KEYS[4], id, 'PX', ARGV[5]) end
+-- The live copy is the stored JSON with the stream ids in front.
+local live = '{"id":"' .. id .. '","prev":"' .. prev .. '",' .. string.sub(ARGV[3], 2)
+if ARGV[4] == '1' then
+  redis.call('PUBLISH', KEYS[2], live)
+  return {id, '', 0}
+end
+return {id, live, 0}
 "#;
 
 /// Adds or replaces a connection's presence and announces the diff on the room channel, unless
@@ -164,6 +201,7 @@ struct Shared {
     min_acks: AtomicU32,
     /// Anyone who sees the master fail asks the supervisor to rediscover it.
     reconnect: Notify,
+    idempotency_window: Duration,
 }
 
 pub struct RedisBroker {
@@ -188,6 +226,7 @@ impl RedisBroker {
     /// Starts the supervisor; the broker reports ready once a master is connected.
     pub fn start(
         cfg: RedisConfig,
+        broker: &BrokerConfig,
         heartbeat_ttl: Duration,
         instance_id: Arc<str>,
         sink: Arc<dyn Deliver>,
@@ -203,6 +242,7 @@ impl RedisBroker {
             ready: AtomicBool::new(false),
             min_acks: AtomicU32::new(0),
             reconnect: Notify::new(),
+            idempotency_window: broker.idempotency_window,
         });
         tokio::spawn(supervise(shared.clone(), rx));
         Self {
@@ -264,17 +304,27 @@ impl Broker for RedisBroker {
         let payload = wire::encode_message(&msg, true);
         let cfg = &self.shared.cfg;
         let min_acks = self.shared.min_acks.load(Ordering::Relaxed);
+        let idempotency = idempotency::scope(&msg).map(|s| names::idempotency(&s));
+        // With replicas to wait for, the live copy goes out only once they confirmed the
+        // write: nobody sees a message that a failover could erase from history.
+        let publish_now = min_acks == 0;
         let mut pipe = redis::pipe();
-        pipe.cmd("EVAL")
+        let eval = pipe
+            .cmd("EVAL")
             .arg(PUBLISH_SCRIPT)
-            .arg(3)
+            .arg(if idempotency.is_some() { 4 } else { 3 })
             .arg(names::stream(&msg.room))
             .arg(names::room_channel(&msg.room))
-            .arg(names::trimmed(&msg.room))
-            .arg(cfg.stream_maxlen)
+            .arg(names::trimmed(&msg.room));
+        if let Some(key) = &idempotency {
+            eval.arg(key);
+        }
+        eval.arg(cfg.stream_maxlen)
             .arg(cfg.stream_ttl.as_millis() as u64)
-            .arg(&payload);
-        if min_acks > 0 {
+            .arg(&payload)
+            .arg(if publish_now { 1 } else { 0 })
+            .arg(self.shared.idempotency_window.as_millis() as u64);
+        if !publish_now {
             pipe.cmd("WAIT")
                 .arg(min_acks)
                 .arg(cfg.wait_timeout.as_millis() as u64);
@@ -283,18 +333,41 @@ impl Broker for RedisBroker {
             .query_async(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
-        let id: String = redis::from_redis_value_ref(&replies[0])
-            .map_err(|e| BrokerError::Other(e.to_string()))?;
+        let (id, live, repeat): (String, String, i64) = replies
+            .first()
+            .and_then(|v| redis::from_redis_value_ref(v).ok())
+            .ok_or_else(|| BrokerError::Other("unexpected publish script reply".into()))?;
         let id: MessageId = id
             .parse()
             .map_err(|_| BrokerError::Other(format!("unexpected stream id {id}")))?;
-        if min_acks > 0 {
-            let acked: i64 = redis::from_redis_value_ref(&replies[1]).unwrap_or(0);
+        if repeat == 1 {
+            crate::telemetry::metric::idempotent_repeat();
+        }
+        if !publish_now {
+            let acked: i64 = replies
+                .get(1)
+                .and_then(|v| redis::from_redis_value_ref(v).ok())
+                .unwrap_or(0);
             if acked < i64::from(min_acks) {
-                // Written on the master but not confirmed: it may not survive a failover.
+                // Stored on the master, not confirmed, not published: it may not survive a
+                // failover. A retry with the same idempotency key publishes it once confirmed;
+                // if it survives, the room's next message leads subscribers to it.
                 return Err(unavailable(format!(
                     "{acked} of {min_acks} replicas confirmed the write in time"
                 )));
+            }
+            if !live.is_empty() {
+                let published: Result<i64, _> = redis::cmd("PUBLISH")
+                    .arg(names::room_channel(&msg.room))
+                    .arg(&live)
+                    .query_async(&mut conn)
+                    .await;
+                if let Err(e) = published {
+                    // Durable already, so the publish stands: subscribers read it from the
+                    // stream when they reconnect or when the room's next message arrives.
+                    tracing::warn!(error = %e, room = %msg.room, "live copy not published");
+                    let _ = self.failed(e);
+                }
             }
         }
         Ok(id)
@@ -512,6 +585,64 @@ impl From<InstanceInfoOwned> for InstanceInfo {
     }
 }
 
+/// Idempotency keys for a broker that has no script of its own (Kafka with a Redis side):
+/// a placeholder claimed with `SET NX`, replaced by the id once the publish is acked.
+#[async_trait::async_trait]
+impl IdempotencyStore for RedisBroker {
+    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError> {
+        const PENDING: &str = "pending";
+        let mut conn = self.master()?;
+        let key = names::idempotency(scope);
+        let (set, current): (Option<String>, Option<String>) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(PENDING)
+            .arg("NX")
+            .arg("PX")
+            .arg(window.as_millis() as u64)
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        if set.is_some() {
+            return Ok(Claim::Fresh);
+        }
+        Ok(match current.as_deref() {
+            None => Claim::Fresh,
+            Some(PENDING) => Claim::InFlight,
+            Some(id) => match id.parse() {
+                Ok(id) => Claim::Repeat(id),
+                Err(_) => Claim::InFlight,
+            },
+        })
+    }
+
+    async fn complete(&self, scope: &str, id: MessageId, window: Duration) {
+        if let Ok(mut conn) = self.master() {
+            let done: Result<(), _> = redis::cmd("SET")
+                .arg(names::idempotency(scope))
+                .arg(id.to_string())
+                .arg("PX")
+                .arg(window.as_millis() as u64)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "idempotency key not recorded");
+            }
+        }
+    }
+
+    async fn abandon(&self, scope: &str) {
+        if let Ok(mut conn) = self.master() {
+            let _: Result<(), _> = redis::cmd("DEL")
+                .arg(names::idempotency(scope))
+                .query_async(&mut conn)
+                .await;
+        }
+    }
+}
+
 /// Stream entries of `room` after `after`, the newest `limit`, oldest first; `gap` when some
 /// entry after `after` was trimmed or expired.
 async fn read_history(
@@ -531,7 +662,13 @@ async fn read_history(
         .arg(format!("({after}"))
         .arg("COUNT")
         .arg(limit + 1);
-    let (exists, trimmed, entries): (bool, Option<String>, Vec<Value>) =
+    // Whether `after` itself is still stored: if it is neither stored nor the newest trimmed
+    // id, the history it belonged to is gone (Redis lost its data, a failover lost writes).
+    pipe.cmd("XRANGE")
+        .arg(&key)
+        .arg(after.to_string())
+        .arg(after.to_string());
+    let (exists, trimmed, entries, itself): (bool, Option<String>, Vec<Value>, Vec<Value>) =
         pipe.query_async(conn).await?;
     let mut events = parse_entries(room, &entries);
     events.reverse();
@@ -540,9 +677,12 @@ async fn read_history(
         events.drain(..events.len() - limit);
         gap = true;
     }
-    if let Some(trimmed) = trimmed.and_then(|t| t.parse::<MessageId>().ok()) {
+    let trimmed = trimmed.and_then(|t| t.parse::<MessageId>().ok());
+    if let Some(trimmed) = trimmed {
         gap |= trimmed > after;
     }
+    let known = after == MessageId::ZERO || !itself.is_empty() || trimmed == Some(after);
+    gap |= !known;
     if !exists && after != MessageId::ZERO {
         // The whole stream expired: a `since` older than the TTL may have missed messages.
         let ttl_ms = cfg.stream_ttl.as_millis() as u64;
@@ -822,7 +962,10 @@ async fn serve(
     }
     let wanted: Vec<RoomName> = subs.rooms.keys().cloned().collect();
     for room in wanted {
-        if catch_up(shared, &mut master, &room, subs).await.is_err() {
+        if catch_up(shared, &mut master, &room, subs, None)
+            .await
+            .is_err()
+        {
             return None;
         }
     }
@@ -834,7 +977,16 @@ async fn serve(
     loop {
         tokio::select! {
             msg = stream.next() => match msg {
-                Some(msg) => on_message(shared, &msg, subs),
+                Some(msg) => {
+                    if let Some(event) = on_message(shared, &msg, subs) {
+                        let room = event.msg.room.clone();
+                        if catch_up(shared, &mut master, &room, subs, Some(event.id)).await.is_err() {
+                            return None;
+                        }
+                        // Delivered by the catch-up unless the stream no longer holds it.
+                        deliver_room(shared, subs, event);
+                    }
+                }
                 None => return None,
             },
             cmd = commands.recv() => {
@@ -900,7 +1052,7 @@ async fn apply(
                 let _ = done.send(Err(unavailable(&e)));
                 return Err(e);
             }
-            let caught_up = catch_up(shared, master, &room, subs).await;
+            let caught_up = catch_up(shared, master, &room, subs, None).await;
             let _ = done.send(caught_up.as_ref().map(|_| ()).map_err(unavailable));
             caught_up
         }
@@ -944,22 +1096,27 @@ async fn newest_id(
         .unwrap_or(MessageId::ZERO))
 }
 
-/// Delivers what the room's stream holds after the last id delivered here.
+/// Delivers what the room's stream holds after the last id delivered here (up to `through`,
+/// when given: entries after it may still wait for their replicas).
 async fn catch_up(
     shared: &Shared,
     master: &mut MultiplexedConnection,
     room: &RoomName,
     subs: &mut Subscriptions,
+    through: Option<MessageId>,
 ) -> Result<(), RedisError> {
     const PAGE: usize = 500;
     for _ in 0..1000 {
         let Some(&last) = subs.rooms.get(room) else {
             return Ok(());
         };
+        if through.is_some_and(|t| t <= last) {
+            return Ok(());
+        }
         let entries: Vec<Value> = redis::cmd("XRANGE")
             .arg(names::stream(room))
             .arg(format!("({last}"))
-            .arg("+")
+            .arg(through.map_or_else(|| "+".to_string(), |t| t.to_string()))
             .arg("COUNT")
             .arg(PAGE)
             .query_async(master)
@@ -988,12 +1145,19 @@ fn deliver_room(shared: &Shared, subs: &mut Subscriptions, event: Arc<RoomEvent>
     shared.sink.room_event(event);
 }
 
-fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
+/// Delivers one Pub/Sub message. Returns it undelivered when it shows that an earlier one never
+/// arrived live (its `prev` is newer than the last delivered): catch up through it first.
+fn on_message(
+    shared: &Shared,
+    msg: &redis::Msg,
+    subs: &mut Subscriptions,
+) -> Option<Arc<RoomEvent>> {
     let channel = msg.get_channel_name();
     let payload = msg.get_payload_bytes();
     if let Some(room) = channel.strip_prefix(names::ROOM_PREFIX) {
-        let Some(room) = subs.rooms.get_key_value(room).map(|(r, _)| r.clone()) else {
-            return;
+        let Some((room, &last)) = subs.rooms.get_key_value(room).map(|(r, l)| (r.clone(), l))
+        else {
+            return None;
         };
         // Presence diffs are written by the scripts above and start with their type.
         if payload.starts_with(br#"{"type":"presence_diff""#) {
@@ -1001,10 +1165,13 @@ fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
                 Ok(diff) => shared.sink.presence(Arc::new(diff)),
                 Err(e) => wire::skip_bad_payload("redis", "presence diff", &e),
             }
-            return;
+            return None;
         }
-        match wire::decode_message(payload, Some(&room), None) {
-            Ok(event) => deliver_room(shared, subs, Arc::new(event)),
+        match wire::decode_live_message(payload, Some(&room), None) {
+            Ok((event, Some(prev))) if prev > last && event.id > last => {
+                return Some(Arc::new(event));
+            }
+            Ok((event, _)) => deliver_room(shared, subs, Arc::new(event)),
             Err(e) => wire::skip_bad_payload("redis", "room message", &e),
         }
     } else if channel.starts_with(names::USER_PREFIX) {
@@ -1013,6 +1180,7 @@ fn on_message(shared: &Shared, msg: &redis::Msg, subs: &mut Subscriptions) {
             Err(e) => wire::skip_bad_payload("redis", "direct message", &e),
         }
     }
+    None
 }
 
 #[cfg(test)]

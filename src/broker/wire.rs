@@ -81,6 +81,10 @@ pub struct WireMessage<'a> {
     /// Only on Redis's live copy (the stream entry and the Kafka record have their own).
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Cow<'a, str>>,
+    /// Only on Redis's live copy: the id of the entry stored before this one in the room's
+    /// stream, so that a subscriber can tell it missed one.
+    #[serde(borrow, default, skip_serializing)]
+    pub prev: Option<Cow<'a, str>>,
     #[serde(rename = "type")]
     pub kind: MessageKind,
     #[serde(borrow)]
@@ -119,6 +123,7 @@ impl WireMessage<'_> {
                     _ => None,
                 },
                 traceparent: self.traceparent.map(Cow::into_owned),
+                idempotency_key: None,
             },
         }
     }
@@ -129,6 +134,7 @@ impl WireMessage<'_> {
 pub fn encode_message(msg: &RoomMessage, with_traceparent: bool) -> String {
     serde_json::to_string(&WireMessage {
         id: None,
+        prev: None,
         kind: msg.kind,
         room: Cow::Borrowed(&msg.room),
         data: &msg.data,
@@ -185,7 +191,23 @@ pub fn decode_message(
     room: Option<&RoomName>,
     id: Option<MessageId>,
 ) -> Result<RoomEvent, DecodeError> {
+    decode_live_message(payload, room, id).map(|(event, _)| event)
+}
+
+/// [`decode_message`], also returning the `prev` id a live copy carries, if any.
+pub fn decode_live_message(
+    payload: &[u8],
+    room: Option<&RoomName>,
+    id: Option<MessageId>,
+) -> Result<(RoomEvent, Option<MessageId>), DecodeError> {
     let w: WireMessage = serde_json::from_slice(payload)?;
+    let prev = match w.prev.as_deref() {
+        None => None,
+        Some(p) => Some(
+            p.parse::<MessageId>()
+                .map_err(|_| bad("prev", "is not a message id"))?,
+        ),
+    };
     if !valid_room(&w.room) {
         return Err(bad("room", "is not a valid room name"));
     }
@@ -211,7 +233,7 @@ pub fn decode_message(
         Some(room) => room.clone(),
         None => RoomName::from(&*w.room),
     };
-    Ok(w.into_event(&room, id))
+    Ok((w.into_event(&room, id), prev))
 }
 
 /// A direct message from its payload.
@@ -337,6 +359,7 @@ mod tests {
                 session: 9,
             }),
             traceparent: Some("00-x".into()),
+            idempotency_key: None,
         };
         let json = encode_message(&msg, true);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -379,6 +402,7 @@ mod tests {
                 session: 3,
             }),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            idempotency_key: None,
         }
     }
 

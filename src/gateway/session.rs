@@ -316,11 +316,15 @@ impl Connection {
         let frame: ClientFrame = match serde_json::from_str(text) {
             Ok(f) => f,
             Err(e) if e.is_data() => {
+                // A field of the wrong type: still answer the request's `ref`, if it has one.
+                let reference = serde_json::from_str::<RefOnly>(text)
+                    .ok()
+                    .and_then(|r| r.reference);
                 self.send(error_frame(
                     ErrorCode::BadRequest,
                     &format!("bad envelope: {e}"),
                     None,
-                    None,
+                    reference,
                 ));
                 return;
             }
@@ -578,6 +582,7 @@ impl Connection {
                 ts_ms: now_ms(),
                 origin: Some(self.origin()),
                 traceparent: span.as_ref().and_then(trace::traceparent),
+                idempotency_key: idempotency_key(frame.idempotency_key.as_deref())?,
             })
         });
         let pending = async move {
@@ -755,4 +760,16 @@ fn is_capacity_error(e: &axum::Error) -> bool {
         source = s.source();
     }
     e.to_string().contains("Space limit exceeded") || e.to_string().contains("too long")
+}
+
+/// A publish's optional `idempotency_key`, checked.
+fn idempotency_key(key: Option<&str>) -> Result<Option<Box<str>>, Refusal> {
+    match key {
+        None => Ok(None),
+        Some(k) if crate::broker::idempotency::valid_key(k) => Ok(Some(k.into())),
+        Some(_) => Err(Refusal::new(
+            ErrorCode::BadRequest,
+            crate::broker::idempotency::KEY_RULE,
+        )),
+    }
 }

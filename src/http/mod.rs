@@ -183,6 +183,8 @@ struct BroadcastRequest {
     #[serde(rename = "type", default = "default_broadcast_type")]
     kind: String,
     data: Box<RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 fn default_broadcast_type() -> String {
@@ -260,6 +262,15 @@ async fn broadcast(
             format!("`data` nests deeper than {depth} levels (ws.max_json_depth)"),
         );
     }
+    if let Some(key) = &req.idempotency_key
+        && !crate::broker::idempotency::valid_key(key)
+    {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            crate::broker::idempotency::KEY_RULE,
+        );
+    }
     let msg = RoomMessage {
         room: RoomName::from(req.room),
         kind,
@@ -268,6 +279,7 @@ async fn broadcast(
         ts_ms: now_ms(),
         origin: None,
         traceparent: None,
+        idempotency_key: req.idempotency_key.map(String::into_boxed_str),
     };
     match gw.broker.publish(msg).await {
         Ok(id) => Json(json!({"id": id.to_string()})).into_response(),

@@ -1,0 +1,213 @@
+//! Idempotent publish: a repeat of the same key by the same sender in the same room, within the
+//! window, is answered with the first message's id and publishes nothing.
+//!
+//! The Redis broker checks and records keys inside its publish script. The memory broker and the
+//! Kafka broker use an [`IdempotencyStore`]: this process's [`LocalIdempotency`], or Redis when
+//! the Kafka broker has a Redis side.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::{BrokerError, MessageId, RoomMessage};
+
+/// Longest idempotency key, in bytes.
+pub const MAX_KEY_LEN: usize = 64;
+
+/// What an idempotency key must be, for error messages.
+pub const KEY_RULE: &str = "idempotency_key is 1 to 64 bytes of [A-Za-z0-9_.:-]";
+
+pub fn valid_key(key: &str) -> bool {
+    (1..=MAX_KEY_LEN).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// The key's scope as one string: room, sender (or the server) and key. Unambiguous because a
+/// room name has no `|`, the sender is length-prefixed and the key comes last.
+pub fn scope(msg: &RoomMessage) -> Option<String> {
+    let key = msg.idempotency_key.as_deref()?;
+    Some(match &msg.sender_id {
+        Some(sender) => format!("{}|u{}:{sender}|{key}", msg.room, sender.len()),
+        None => format!("{}|s|{key}", msg.room),
+    })
+}
+
+/// What a claim on a scoped key found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// First use: publish, then [`IdempotencyStore::complete`] or [`IdempotencyStore::abandon`].
+    Fresh,
+    /// Published before with this id.
+    Repeat(MessageId),
+    /// A publish with this key is still under way; the caller may retry.
+    InFlight,
+}
+
+impl Claim {
+    pub fn in_flight_error() -> BrokerError {
+        BrokerError::Unavailable("a publish with this idempotency_key is in flight".into())
+    }
+}
+
+#[async_trait::async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError>;
+    async fn complete(&self, scope: &str, id: MessageId, window: Duration);
+    /// The publish failed: a retry may publish.
+    async fn abandon(&self, scope: &str);
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Pending,
+    Done(MessageId),
+}
+
+#[derive(Default)]
+struct Keys {
+    slots: HashMap<Arc<str>, (Slot, Instant)>,
+    /// Keys by expiry (oldest first), to expire and to evict beyond the bound.
+    order: VecDeque<(Instant, Arc<str>)>,
+}
+
+/// Keys remembered by this process only, bounded in count.
+pub struct LocalIdempotency {
+    max_keys: usize,
+    keys: Mutex<Keys>,
+}
+
+impl LocalIdempotency {
+    pub fn new(max_keys: usize) -> Self {
+        Self {
+            max_keys: max_keys.max(1),
+            keys: Mutex::default(),
+        }
+    }
+
+    /// The id a live key maps to, if any (synchronous, for callers holding their own lock).
+    pub fn lookup(&self, scope: &str) -> Option<MessageId> {
+        let mut keys = self.keys.lock();
+        expire(&mut keys, Instant::now());
+        match keys.slots.get(scope) {
+            Some((Slot::Done(id), _)) => Some(*id),
+            _ => None,
+        }
+    }
+
+    pub fn record(&self, scope: &str, id: MessageId, window: Duration) {
+        self.set(scope, Slot::Done(id), window);
+    }
+
+    fn set(&self, scope: &str, slot: Slot, window: Duration) {
+        let now = Instant::now();
+        let until = now + window;
+        let mut keys = self.keys.lock();
+        expire(&mut keys, now);
+        let scope: Arc<str> = Arc::from(scope);
+        keys.slots.insert(scope.clone(), (slot, until));
+        keys.order.push_back((until, scope));
+        // Each key has at most two entries in `order` (pending, done): both stay bounded.
+        while keys.slots.len() > self.max_keys || keys.order.len() > 2 * self.max_keys {
+            let Some((until, oldest)) = keys.order.pop_front() else {
+                break;
+            };
+            if keys.slots.get(&oldest).is_some_and(|(_, u)| *u == until) {
+                keys.slots.remove(&oldest);
+                // A repeat of this key could now publish again: make that visible.
+                crate::telemetry::metric::idempotency_eviction();
+            }
+        }
+    }
+}
+
+/// Drops keys whose window passed. `order` may hold stale entries for keys set again later;
+/// they are skipped by comparing the expiry.
+fn expire(keys: &mut Keys, now: Instant) {
+    while let Some((until, _)) = keys.order.front() {
+        if *until > now {
+            break;
+        }
+        let (until, scope) = keys.order.pop_front().expect("front exists");
+        if keys.slots.get(&scope).is_some_and(|(_, u)| *u == until) {
+            keys.slots.remove(&scope);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for LocalIdempotency {
+    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError> {
+        let now = Instant::now();
+        {
+            let mut keys = self.keys.lock();
+            expire(&mut keys, now);
+            match keys.slots.get(scope) {
+                Some((Slot::Done(id), _)) => return Ok(Claim::Repeat(*id)),
+                Some((Slot::Pending, _)) => return Ok(Claim::InFlight),
+                None => {}
+            }
+        }
+        self.set(scope, Slot::Pending, window);
+        Ok(Claim::Fresh)
+    }
+
+    async fn complete(&self, scope: &str, id: MessageId, window: Duration) {
+        self.set(scope, Slot::Done(id), window);
+    }
+
+    async fn abandon(&self, scope: &str) {
+        self.keys.lock().slots.remove(scope);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_rule() {
+        assert!(valid_key("a"));
+        assert!(valid_key("client-1:42_x.y"));
+        assert!(valid_key(&"k".repeat(64)));
+        assert!(!valid_key(""));
+        assert!(!valid_key(&"k".repeat(65)));
+        assert!(!valid_key("has space"));
+        assert!(!valid_key("pipe|"));
+        assert!(!valid_key("é"));
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_fresh_then_in_flight_then_a_repeat() {
+        let store = LocalIdempotency::new(10);
+        let w = Duration::from_secs(60);
+        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::Fresh);
+        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::InFlight);
+        store.complete("r|s|k", MessageId::new(5, 1), w).await;
+        assert_eq!(
+            store.claim("r|s|k", w).await.unwrap(),
+            Claim::Repeat(MessageId::new(5, 1))
+        );
+        assert_eq!(store.claim("r|s|other", w).await.unwrap(), Claim::Fresh);
+        store.abandon("r|s|other").await;
+        assert_eq!(store.claim("r|s|other", w).await.unwrap(), Claim::Fresh);
+    }
+
+    #[tokio::test]
+    async fn keys_expire_after_the_window_and_the_count_is_bounded() {
+        let store = LocalIdempotency::new(3);
+        store.record("a", MessageId::new(1, 0), Duration::from_millis(20));
+        assert_eq!(store.lookup("a"), Some(MessageId::new(1, 0)));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(store.lookup("a"), None);
+        for (i, k) in ["b", "c", "d", "e"].iter().enumerate() {
+            store.record(k, MessageId::new(i as u64, 0), Duration::from_secs(60));
+        }
+        assert_eq!(store.lookup("b"), None, "the oldest key is evicted");
+        assert_eq!(store.lookup("e"), Some(MessageId::new(3, 0)));
+        assert_eq!(store.keys.lock().slots.len(), 3);
+    }
+}
