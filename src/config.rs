@@ -531,7 +531,8 @@ impl Config {
         figment = figment.merge(
             Env::prefixed("RTGATE_")
                 .split("__")
-                .filter(|key| key.as_str() != "config"),
+                // `RTGATE_FAULT_INJECTION` is read by the test-only fault points, not config.
+                .filter(|key| key != "config" && key != "fault_injection"),
         );
         Self::from_figment(figment)
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod gateway;
 pub mod http;
 pub mod protocol;
+pub mod supervise;
 pub mod telemetry;
 
 /// The version reported in heartbeats, stats and telemetry.

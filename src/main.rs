@@ -268,7 +268,25 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     tracing::info!(instance = %gw.instance_id(), broker = gw.broker.kind(), "started");
 
     rtgate::telemetry::metric::started();
-    let maintenance = tokio::spawn(gw.clone().run_maintenance(stop.clone()));
+    // Heartbeats and the sweeper: restarted if they ever end or panic before the stop.
+    {
+        let (gw, stop) = (gw.clone(), stop.clone());
+        rtgate::supervise::spawn(
+            "maintenance",
+            move || {
+                let (gw, stop) = (gw.clone(), stop.clone());
+                async move {
+                    gw.run_maintenance(stop.clone()).await;
+                    if stop.is_cancelled() {
+                        rtgate::supervise::Exit::Done
+                    } else {
+                        rtgate::supervise::Exit::Failed
+                    }
+                }
+            },
+            || {},
+        );
+    }
     let drained = CancellationToken::new();
     let shutdown = {
         let gw = gw.clone();
@@ -303,7 +321,6 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     .await;
     drained.cancelled().await;
     stop.cancel();
-    let _ = maintenance.await;
     if let Some(admin) = admin {
         let _ = admin.await;
     }

@@ -32,6 +32,7 @@ use super::{
     RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 use crate::config::KafkaConfig;
+use crate::supervise::{self, Exit, Handoff};
 
 /// The topic every instance reads for direct messages.
 pub const DIRECT_TOPIC: &str = "rt.direct.v1";
@@ -98,6 +99,14 @@ struct Shared {
     /// Topics known to exist (created or seen).
     topics: Mutex<HashSet<String>>,
     ready: AtomicBool,
+    /// Set when the broker is dropped: its tasks end.
+    closed: AtomicBool,
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+    }
 }
 
 pub struct KafkaBroker {
@@ -165,10 +174,46 @@ impl KafkaBroker {
             producer: Mutex::new(producer),
             topics: Mutex::default(),
             ready: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(consume(shared.clone(), rx));
-        tokio::spawn(watch_health(shared.clone(), tx.clone()));
+        let commands = Handoff::new(rx);
+        let (run, down) = (Arc::downgrade(&shared), Arc::downgrade(&shared));
+        supervise::spawn(
+            "kafka-consumer",
+            move || {
+                let (shared, commands) = (run.upgrade(), commands.clone());
+                async move {
+                    match shared {
+                        Some(shared) if !shared.closed.load(Ordering::SeqCst) => {
+                            consume(shared, commands).await
+                        }
+                        _ => Exit::Done,
+                    }
+                }
+            },
+            move || {
+                if let Some(shared) = down.upgrade() {
+                    shared.ready.store(false, Ordering::SeqCst);
+                }
+            },
+        );
+        let (run, tx_health) = (Arc::downgrade(&shared), tx.clone());
+        supervise::spawn(
+            "kafka-health",
+            move || {
+                let (shared, commands) = (run.upgrade(), tx_health.clone());
+                async move {
+                    match shared {
+                        Some(shared) if !shared.closed.load(Ordering::SeqCst) => {
+                            watch_health(shared, commands).await
+                        }
+                        _ => Exit::Done,
+                    }
+                }
+            },
+            || {},
+        );
         Ok(Self {
             shared,
             commands: tx,
@@ -499,13 +544,13 @@ fn read_history(
 }
 
 /// Marks the broker ready while Kafka answers metadata requests.
-async fn watch_health(shared: Arc<Shared>, commands: mpsc::UnboundedSender<Command>) {
+async fn watch_health(shared: Arc<Shared>, commands: mpsc::UnboundedSender<Command>) -> Exit {
     let probe: Arc<BaseConsumer<QuietContext>> =
         match shared.consumer_config.create_with_context(QuietContext) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(error = %e, "cannot create the Kafka health probe");
-                return;
+                return Exit::Failed;
             }
         };
     let mut was_down = false;
@@ -537,8 +582,8 @@ async fn watch_health(shared: Arc<Shared>, commands: mpsc::UnboundedSender<Comma
                 crate::telemetry::metric::broker_reconnect();
             }
         }
-        if Arc::strong_count(&shared) == 1 {
-            return;
+        if shared.closed.load(Ordering::SeqCst) {
+            return Exit::Done;
         }
         tokio::time::sleep(Duration::from_millis(if ok { 1000 } else { 200 })).await;
     }
@@ -562,13 +607,18 @@ fn fingerprint(payload: &[u8]) -> u64 {
 }
 
 /// The consumer task: owns the assignment and delivers what it reads.
-async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
+/// One run of the consumer. After a fault the next run takes the rooms the gateway still
+/// wants and reads each from the offset after its last delivered id.
+async fn consume(shared: Arc<Shared>, commands: Handoff<mpsc::UnboundedReceiver<Command>>) -> Exit {
+    let Some(mut commands) = commands.take() else {
+        return Exit::Failed;
+    };
     let consumer: StreamConsumer<QuietContext> =
         match shared.consumer_config.create_with_context(QuietContext) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot create the Kafka consumer");
-                return;
+                return Exit::Failed;
             }
         };
     let mut positions: HashMap<String, Position> = HashMap::new();
@@ -591,6 +641,25 @@ async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    for (room, last) in shared.sink.wanted().rooms {
+        let topic = room_topic(&room);
+        let next = if last == MessageId::ZERO {
+            match watermarks(shared.consumer_config.clone(), topic.clone(), timeout).await {
+                Ok((_, high)) => high,
+                Err(_) => return Exit::Failed,
+            }
+        } else {
+            offset_after(last)
+        };
+        positions.insert(
+            topic,
+            Position {
+                room: Some(room),
+                next,
+                last: None,
+            },
+        );
+    }
     assign(&consumer, &positions);
     // Set when the connection to Kafka failed: nothing is delivered until the positions are
     // checked against what the broker has now.
@@ -599,7 +668,7 @@ async fn consume(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Comm
     loop {
         tokio::select! {
             cmd = commands.recv() => match cmd {
-                None => return,
+                None => return Exit::Done,
                 Some(Command::Subscribe(room, done)) => {
                     let topic = room_topic(&room);
                     if positions.contains_key(&topic) {
@@ -759,6 +828,7 @@ fn offset_after(after: MessageId) -> i64 {
 }
 
 fn deliver_room<M: Message>(shared: &Shared, room: &RoomName, m: &M, payload: &[u8]) {
+    crate::supervise::fault_point(room);
     let id = record_id(m.partition(), m.offset());
     let mut event: RoomEvent = match wire::decode_message(payload, Some(room), Some(id)) {
         Ok(event) => event,

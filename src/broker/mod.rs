@@ -179,11 +179,23 @@ pub enum BrokerError {
 /// Resolves once a subscription is live.
 pub type Subscribed = BoxFuture<'static, Result<(), BrokerError>>;
 
+/// What this instance needs delivered: rooms with local members (with the last id delivered
+/// here, `0-0` if none yet) and users with local connections.
+#[derive(Debug, Default)]
+pub struct Wanted {
+    pub rooms: Vec<(RoomName, MessageId)>,
+    pub users: Vec<Arc<str>>,
+}
+
 /// Where an adapter hands what it receives. Must not block.
 pub trait Deliver: Send + Sync + 'static {
     fn room_event(&self, event: Arc<RoomEvent>);
     fn direct(&self, msg: Arc<DirectMessage>);
     fn presence(&self, diff: Arc<PresenceDiff>);
+    /// Read by a receiving task that restarts after a fault, to subscribe again.
+    fn wanted(&self) -> Wanted {
+        Wanted::default()
+    }
 }
 
 #[async_trait::async_trait]

@@ -27,6 +27,7 @@ use super::{
     RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 use crate::config::{BrokerConfig, RedisConfig};
+use crate::supervise::{self, Exit, Handoff};
 
 /// Key and channel names (PROTOCOL.md, "Broker naming").
 mod names {
@@ -56,6 +57,14 @@ mod names {
     pub const INSTANCES: &str = "rt:instances";
     pub fn instance(id: &str) -> String {
         format!("rt:instances:{id}")
+    }
+    /// Each instance's own self-probe channel.
+    pub fn probe(instance: &str) -> String {
+        format!("rt:probe:{instance}")
+    }
+    /// The key the self-probe writes.
+    pub fn probe_key(instance: &str) -> String {
+        format!("rt:probe-seq:{instance}")
     }
     pub const ROOM_PREFIX: &str = "rt:room:";
     pub const USER_PREFIX: &str = "rt:user:";
@@ -110,6 +119,14 @@ if ARGV[4] == '1' then
 end
 return {id, live, 0}
 "#;
+
+/// The self-probe: a write and a publish, so that a node that can no longer take writes (a
+/// demoted master) fails it like one whose subscription went deaf.
+/// KEYS: probe key, probe channel. ARGV: sequence number, ttl ms.
+const PROBE_SCRIPT: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('PUBLISH', KEYS[2], ARGV[1])
+";
 
 /// Adds or replaces a connection's presence and announces the diff on the room channel, unless
 /// the room holds ARGV[4] other entries already (then returns 0).
@@ -202,6 +219,8 @@ struct Shared {
     /// Anyone who sees the master fail asks the supervisor to rediscover it.
     reconnect: Notify,
     idempotency_window: Duration,
+    probe_interval: Duration,
+    probe_timeout: Duration,
 }
 
 pub struct RedisBroker {
@@ -243,8 +262,21 @@ impl RedisBroker {
             min_acks: AtomicU32::new(0),
             reconnect: Notify::new(),
             idempotency_window: broker.idempotency_window,
+            probe_interval: broker.probe_interval,
+            probe_timeout: broker.probe_timeout,
         });
-        tokio::spawn(supervise(shared.clone(), rx));
+        let commands = Handoff::new(rx);
+        let run = shared.clone();
+        let down = shared.clone();
+        supervise::spawn(
+            "redis-subscriber",
+            move || supervise(run.clone(), commands.clone()),
+            move || {
+                down.ready.store(false, Ordering::SeqCst);
+                *down.master.write() = None;
+                *down.replica.write() = None;
+            },
+        );
         Self {
             shared,
             commands: tx,
@@ -734,6 +766,24 @@ struct Subscriptions {
     /// Rooms wanted, with the last id delivered here.
     rooms: HashMap<RoomName, MessageId>,
     users: HashMap<Arc<str>, ()>,
+    /// Rooms taken over from a run that ended by a fault with nothing delivered yet: they
+    /// start from the stream's newest id, not from its beginning.
+    start_at_newest: Vec<RoomName>,
+}
+
+impl Subscriptions {
+    /// What the gateway still wants, after a restart.
+    fn from_wanted(wanted: super::Wanted) -> Self {
+        let mut subs = Subscriptions::default();
+        for (room, last) in wanted.rooms {
+            if last == MessageId::ZERO {
+                subs.start_at_newest.push(room.clone());
+            }
+            subs.rooms.insert(room, last);
+        }
+        subs.users = wanted.users.into_iter().map(|u| (u, ())).collect();
+        subs
+    }
 }
 
 /// Connections to one master.
@@ -745,8 +795,17 @@ struct Connected {
     switch: Option<redis::aio::PubSubStream>,
 }
 
-async fn supervise(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let mut subs = Subscriptions::default();
+/// One run of the subscriber: (re)connects and serves until the broker is dropped. A panic
+/// ends the run; the next one (see [`supervise::spawn`]) rebuilds the subscriptions from what
+/// the gateway wants and catches every room up from its last delivered id.
+async fn supervise(
+    shared: Arc<Shared>,
+    commands: Handoff<mpsc::UnboundedReceiver<Command>>,
+) -> Exit {
+    let Some(mut commands) = commands.take() else {
+        return Exit::Failed;
+    };
+    let mut subs = Subscriptions::from_wanted(shared.sink.wanted());
     const FIRST_RETRY: Duration = Duration::from_millis(50);
     // With Sentinel, asking again is cheap and finds a promoted master soon after it is named.
     let max_retry = if shared.cfg.sentinels.is_empty() {
@@ -758,10 +817,9 @@ async fn supervise(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Co
     loop {
         match connect(&shared).await {
             Ok(conn) => {
-                backoff = FIRST_RETRY;
                 let started = Instant::now();
                 if let Some(()) = serve(&shared, conn, &mut subs, &mut commands).await {
-                    return;
+                    return Exit::Done;
                 }
                 shared.ready.store(false, Ordering::SeqCst);
                 *shared.master.write() = None;
@@ -771,25 +829,31 @@ async fn supervise(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Co
                     connected_for_ms = started.elapsed().as_millis() as u64,
                     "Redis master lost; rediscovering"
                 );
+                // A master that takes connections but cannot serve (a probe never returns, a
+                // demoted node) is retried with backoff like an unreachable one.
+                if started.elapsed() > Duration::from_secs(5) {
+                    backoff = FIRST_RETRY;
+                    continue;
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Redis unavailable");
-                // Refuse subscriptions asked for meanwhile rather than keep them waiting.
-                let deadline = tokio::time::sleep(backoff);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        _ = &mut deadline => break,
-                        cmd = commands.recv() => match cmd {
-                            None => return,
-                            Some(cmd) => refuse_while_down(cmd, &mut subs),
-                        },
-                    }
-                }
-                let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 4);
-                backoff = (backoff * 2).min(max_retry) + Duration::from_millis(jitter);
             }
         }
+        // Refuse subscriptions asked for meanwhile rather than keep them waiting.
+        let deadline = tokio::time::sleep(backoff);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                cmd = commands.recv() => match cmd {
+                    None => return Exit::Done,
+                    Some(cmd) => refuse_while_down(cmd, &mut subs),
+                },
+            }
+        }
+        let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 4);
+        backoff = (backoff * 2).min(max_retry) + Duration::from_millis(jitter);
     }
 }
 
@@ -953,11 +1017,21 @@ async fn serve(
         switch,
     } = conn;
     // Resubscribe everything, then deliver what was written while we were away.
+    let probe_channel = names::probe(&shared.instance_id);
     let rooms: Vec<String> = subs.rooms.keys().map(|r| names::room_channel(r)).collect();
     let users: Vec<String> = subs.users.keys().map(|u| names::user_channel(u)).collect();
-    for channels in [rooms, users] {
+    for channels in [vec![probe_channel.clone()], rooms, users] {
         if !channels.is_empty() && sink.subscribe(&channels).await.is_err() {
             return None;
+        }
+    }
+    for room in std::mem::take(&mut subs.start_at_newest) {
+        let Ok(newest) = newest_id(&mut master, &room).await else {
+            subs.start_at_newest.push(room);
+            return None;
+        };
+        if let Some(last) = subs.rooms.get_mut(&room) {
+            *last = (*last).max(newest);
         }
     }
     let wanted: Vec<RoomName> = subs.rooms.keys().cloned().collect();
@@ -969,7 +1043,16 @@ async fn serve(
             return None;
         }
     }
-    shared.ready.store(true, Ordering::SeqCst);
+    // Ready once a probe went through the master and came back on this subscription.
+    let mut probe = Probe::default();
+    let mut probe_tick = tokio::time::interval(shared.probe_interval.min(shared.probe_timeout));
+    if probe
+        .send(shared, &mut master, &probe_channel)
+        .await
+        .is_err()
+    {
+        return None;
+    }
 
     let mut switch = switch;
     let mut health =
@@ -977,6 +1060,11 @@ async fn serve(
     loop {
         tokio::select! {
             msg = stream.next() => match msg {
+                Some(msg) if msg.get_channel_name() == probe_channel => {
+                    if probe.received(msg.get_payload_bytes()) {
+                        shared.ready.store(true, Ordering::SeqCst);
+                    }
+                }
                 Some(msg) => {
                     if let Some(event) = on_message(shared, &msg, subs) {
                         let room = event.msg.room.clone();
@@ -1006,8 +1094,87 @@ async fn serve(
                     return None;
                 }
             }
+            _ = probe_tick.tick() => {
+                if probe.overdue(shared.probe_timeout) {
+                    // The subscription is open but deaf (or the master cannot publish): rebuild.
+                    crate::telemetry::metric::probe_missed();
+                    tracing::warn!(
+                        timeout_ms = shared.probe_timeout.as_millis() as u64,
+                        "self-probe not received back through Redis; reconnecting"
+                    );
+                    return None;
+                }
+                if probe.due(shared.probe_interval)
+                    && probe.send(shared, &mut master, &probe_channel).await.is_err()
+                {
+                    return None;
+                }
+            }
             _ = shared.reconnect.notified() => return None,
         }
+    }
+}
+
+/// The self-probe: a sequence number published on this instance's probe channel through the
+/// command connection, expected back on the subscription.
+#[derive(Default)]
+struct Probe {
+    seq: u64,
+    /// When the outstanding probe was sent; `None` once it came back.
+    outstanding: Option<Instant>,
+    last_sent: Option<Instant>,
+}
+
+impl Probe {
+    async fn send(
+        &mut self,
+        shared: &Shared,
+        master: &mut MultiplexedConnection,
+        channel: &str,
+    ) -> Result<(), RedisError> {
+        self.seq += 1;
+        let now = Instant::now();
+        // Keep the older send time if one is still outstanding: that is the one overdue.
+        self.outstanding.get_or_insert(now);
+        self.last_sent = Some(now);
+        let sent: Result<i64, RedisError> = tokio::time::timeout(
+            shared.probe_timeout,
+            redis::cmd("EVAL")
+                .arg(PROBE_SCRIPT)
+                .arg(2)
+                .arg(names::probe_key(&shared.instance_id))
+                .arg(channel)
+                .arg(self.seq)
+                .arg(shared.probe_timeout.as_millis() as u64 * 10)
+                .query_async(master),
+        )
+        .await
+        .unwrap_or_else(|_| Err(io_timeout("self-probe publish")));
+        if let Err(e) = &sent {
+            crate::telemetry::metric::probe_missed();
+            tracing::warn!(error = %e, "self-probe could not be published; reconnecting");
+        }
+        sent.map(|_| ())
+    }
+
+    /// A probe came back; true if it is the newest one sent.
+    fn received(&mut self, payload: &[u8]) -> bool {
+        let newest = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.parse::<u64>().ok())
+            == Some(self.seq);
+        if newest {
+            self.outstanding = None;
+        }
+        newest
+    }
+
+    fn overdue(&self, timeout: Duration) -> bool {
+        self.outstanding.is_some_and(|t| t.elapsed() > timeout)
+    }
+
+    fn due(&self, interval: Duration) -> bool {
+        self.last_sent.is_none_or(|t| t.elapsed() >= interval)
     }
 }
 
@@ -1155,10 +1322,10 @@ fn on_message(
     let channel = msg.get_channel_name();
     let payload = msg.get_payload_bytes();
     if let Some(room) = channel.strip_prefix(names::ROOM_PREFIX) {
-        let Some((room, &last)) = subs.rooms.get_key_value(room).map(|(r, l)| (r.clone(), l))
-        else {
-            return None;
-        };
+        let (room, &last) = subs
+            .rooms
+            .get_key_value(room)
+            .map(|(r, l)| (r.clone(), l))?;
         // Presence diffs are written by the scripts above and start with their type.
         if payload.starts_with(br#"{"type":"presence_diff""#) {
             match wire::decode_presence_diff(payload, &room) {
@@ -1167,6 +1334,7 @@ fn on_message(
             }
             return None;
         }
+        crate::supervise::fault_point(&room);
         match wire::decode_live_message(payload, Some(&room), None) {
             Ok((event, Some(prev))) if prev > last && event.id > last => {
                 return Some(Arc::new(event));

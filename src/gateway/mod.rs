@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Authenticator, Identity};
 use crate::broker::{
     Broker, BrokerError, Deliver, DirectMessage, InstanceInfo, MessageId, PresenceDiff,
-    PresenceEntry, RoomEvent, RoomName, Subscribed,
+    PresenceEntry, RoomEvent, RoomName, Subscribed, Wanted,
 };
 use crate::config::Config;
 use crate::protocol::{ServerFrame, close, format_ts};
@@ -374,6 +374,18 @@ fn presence_map(entries: &[PresenceEntry]) -> serde_json::Map<String, serde_json
 }
 
 impl Deliver for Hub {
+    fn wanted(&self) -> Wanted {
+        Wanted {
+            rooms: self
+                .rooms
+                .read()
+                .iter()
+                .map(|(name, room)| (name.clone(), *room.last_id.lock()))
+                .collect(),
+            users: self.users.read().keys().cloned().collect(),
+        }
+    }
+
     fn room_event(&self, event: Arc<RoomEvent>) {
         let span = match &event.msg.traceparent {
             Some(tp) if trace::enabled() => {

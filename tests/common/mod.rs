@@ -113,6 +113,11 @@ impl Server {
     /// Starts the server with the base config merged with `extra_toml`, waits (20 s at most)
     /// for the `listening on http://127.0.0.1:PORT` line on stdout.
     pub async fn start(extra_toml: &str) -> Server {
+        Self::start_with_env(extra_toml, &[]).await
+    }
+
+    /// [`Server::start`] with extra environment variables for the process.
+    pub async fn start_with_env(extra_toml: &str, env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("rtgate.toml");
         let cfg = build_config(extra_toml);
@@ -124,6 +129,9 @@ impl Server {
             if k.to_string_lossy().starts_with("RTGATE_") {
                 cmd.env_remove(&k);
             }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let mut child = cmd
             .arg("serve")
