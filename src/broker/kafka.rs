@@ -644,9 +644,16 @@ async fn consume(shared: Arc<Shared>, commands: Handoff<mpsc::UnboundedReceiver<
     for (room, last) in shared.sink.wanted().rooms {
         let topic = room_topic(&room);
         let next = if last == MessageId::ZERO {
-            match watermarks(shared.consumer_config.clone(), topic.clone(), timeout).await {
+            let high = async {
+                ensure_topic(&shared, &topic).await?;
+                watermarks(shared.consumer_config.clone(), topic.clone(), timeout).await
+            };
+            match high.await {
                 Ok((_, high)) => high,
-                Err(_) => return Exit::Failed,
+                Err(e) => {
+                    tracing::warn!(error = %e, topic, "cannot resume the room's topic");
+                    return Exit::Failed;
+                }
             }
         } else {
             offset_after(last)
