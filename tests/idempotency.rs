@@ -110,10 +110,7 @@ async fn a_key_repeated_through_another_instance_publishes_once_over_redis() {
         return;
     }
     let redis = RedisServer::start_standalone().await;
-    let cfg = format!(
-        "[broker]\nkind = \"redis\"\n[redis]\nurl = \"{}\"\n",
-        redis.url()
-    );
+    let cfg = redis.broker_toml("", "");
     let (a, b) = (Server::start(&cfg).await, Server::start(&cfg).await);
     let room = "public:idem-redis";
     let mut sub = b.user("sub").await;

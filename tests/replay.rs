@@ -282,10 +282,7 @@ async fn redis_that_lost_its_data_answers_history_gap() {
         return;
     }
     let mut redis = RedisServer::start_standalone().await;
-    let cfg = format!(
-        "[broker]\nkind = \"redis\"\n[redis]\nurl = \"{}\"\ncommand_timeout = \"500ms\"\n",
-        redis.url()
-    );
+    let cfg = redis.broker_toml("", "command_timeout = \"500ms\"");
     let server = Server::start(&cfg).await;
     let room = "public:lost";
     let mut publisher = server.user("p").await;

@@ -39,10 +39,7 @@ async fn a_panicking_redis_receiver_is_restarted_and_loses_nothing() {
         return;
     }
     let redis = RedisServer::start_standalone().await;
-    let cfg = format!(
-        "[broker]\nkind = \"redis\"\n[redis]\nurl = \"{}\"\n",
-        redis.url()
-    );
+    let cfg = redis.broker_toml("", "");
     let a = Server::start(&cfg).await;
     let b = Server::start_with_env(&cfg, &[("RTGATE_FAULT_INJECTION", "1")]).await;
     let room = "public:steady";
@@ -98,10 +95,9 @@ async fn a_master_demoted_under_the_instance_fails_its_probes_until_promoted_aga
     }
     let redis = RedisServer::start_standalone().await;
     let other = RedisServer::start_standalone().await;
-    let cfg = format!(
-        "[broker]\nkind = \"redis\"\nprobe_interval = \"200ms\"\nprobe_timeout = \"500ms\"\n\
-         [redis]\nurl = \"{}\"\ncommand_timeout = \"500ms\"\n",
-        redis.url()
+    let cfg = redis.broker_toml(
+        "probe_interval = \"200ms\"\nprobe_timeout = \"500ms\"",
+        "command_timeout = \"500ms\"",
     );
     let server = Server::start(&cfg).await;
     wait_ready(&server, 200, Duration::from_secs(5)).await;

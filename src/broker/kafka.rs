@@ -178,40 +178,22 @@ impl KafkaBroker {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let commands = Handoff::new(rx);
-        let (run, down) = (Arc::downgrade(&shared), Arc::downgrade(&shared));
-        supervise::spawn(
+        let down = Arc::downgrade(&shared);
+        spawn_supervised(
             "kafka-consumer",
-            move || {
-                let (shared, commands) = (run.upgrade(), commands.clone());
-                async move {
-                    match shared {
-                        Some(shared) if !shared.closed.load(Ordering::SeqCst) => {
-                            consume(shared, commands).await
-                        }
-                        _ => Exit::Done,
-                    }
-                }
-            },
+            &shared,
+            move |shared| consume(shared, commands.clone()),
             move || {
                 if let Some(shared) = down.upgrade() {
                     shared.ready.store(false, Ordering::SeqCst);
                 }
             },
         );
-        let (run, tx_health) = (Arc::downgrade(&shared), tx.clone());
-        supervise::spawn(
+        let health_tx = tx.clone();
+        spawn_supervised(
             "kafka-health",
-            move || {
-                let (shared, commands) = (run.upgrade(), tx_health.clone());
-                async move {
-                    match shared {
-                        Some(shared) if !shared.closed.load(Ordering::SeqCst) => {
-                            watch_health(shared, commands).await
-                        }
-                        _ => Exit::Done,
-                    }
-                }
-            },
+            &shared,
+            move |shared| watch_health(shared, health_tx.clone()),
             || {},
         );
         Ok(Self {
@@ -253,6 +235,36 @@ impl KafkaBroker {
             .map_err(|(e, _)| unavailable(e))?;
         Ok(record_id(partition, offset))
     }
+}
+
+/// Runs `run` under a supervisor until the broker is dropped. The supervisor holds the shared
+/// state weakly, so a dropped broker's tasks end instead of keeping it alive.
+fn spawn_supervised<F, Fut>(
+    task: &'static str,
+    shared: &Arc<Shared>,
+    run: F,
+    on_fault: impl Fn() + Send + 'static,
+) where
+    F: Fn(Arc<Shared>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Exit> + Send + 'static,
+{
+    let weak = Arc::downgrade(shared);
+    supervise::spawn(
+        task,
+        move || {
+            let run = weak
+                .upgrade()
+                .filter(|s| !s.closed.load(Ordering::SeqCst))
+                .map(&run);
+            async move {
+                match run {
+                    Some(run) => run.await,
+                    None => Exit::Done,
+                }
+            }
+        },
+        on_fault,
+    );
 }
 
 fn create_producer(cfg: &KafkaConfig) -> Result<FutureProducer<QuietContext>, KafkaError> {

@@ -246,6 +246,15 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// rtgate config for the Redis broker on this server; `broker_extra` and `redis_extra` are
+    /// TOML lines added to the `[broker]` and `[redis]` tables.
+    pub fn broker_toml(&self, broker_extra: &str, redis_extra: &str) -> String {
+        format!(
+            "[broker]\nkind = \"redis\"\n{broker_extra}\n[redis]\nurl = \"{}\"\n{redis_extra}\n",
+            self.url()
+        )
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         self.node.kill();
