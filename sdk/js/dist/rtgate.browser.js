@@ -61,6 +61,37 @@ function withToken(url, token) {
   const sep = url.includes("?") ? "&" : "?";
   return `${url}${sep}token=${encodeURIComponent(token)}`;
 }
+var RecentIds = class {
+  constructor(capacity) {
+    __publicField(this, "capacity", capacity);
+    __publicField(this, "ids", /* @__PURE__ */ new Set());
+  }
+  has(id) {
+    return this.ids.has(id);
+  }
+  add(id) {
+    if (this.capacity <= 0 || this.ids.has(id)) return;
+    this.ids.add(id);
+    if (this.ids.size > this.capacity) {
+      const oldest = this.ids.values().next().value;
+      this.ids.delete(oldest);
+    }
+  }
+  clear() {
+    this.ids.clear();
+  }
+  get size() {
+    return this.ids.size;
+  }
+};
+var KEY_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
+function keyPrefix(random) {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === "function") return c.randomUUID().replace(/-/g, "");
+  let out = "";
+  for (let i = 0; i < 4; i++) out += Math.floor(random() * 4294967296).toString(36);
+  return out;
+}
 var Client = class extends Emitter {
   constructor(url, auth, options = {}) {
     super();
@@ -68,16 +99,21 @@ var Client = class extends Emitter {
     __publicField(this, "auth");
     __publicField(this, "WS");
     __publicField(this, "ackTimeoutMs");
+    __publicField(this, "connectTimeoutMs");
     __publicField(this, "minDelayMs");
     __publicField(this, "maxDelayMs");
     __publicField(this, "bufferLimit");
+    __publicField(this, "dedupeWindow");
     __publicField(this, "random");
+    __publicField(this, "keyPrefix");
+    __publicField(this, "nextKey", 1);
     __publicField(this, "ws", null);
     __publicField(this, "token", null);
     __publicField(this, "refreshToken", true);
     __publicField(this, "attempt", 0);
     __publicField(this, "nextRef", 1);
     __publicField(this, "reconnectTimer");
+    __publicField(this, "connectTimer");
     __publicField(this, "pending", /* @__PURE__ */ new Map());
     __publicField(this, "buffer", []);
     __publicField(this, "rooms", /* @__PURE__ */ new Map());
@@ -98,10 +134,13 @@ var Client = class extends Emitter {
     }
     this.WS = WS;
     this.ackTimeoutMs = options.ackTimeoutMs ?? 1e4;
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 1e4;
     this.minDelayMs = options.minDelayMs ?? 250;
     this.maxDelayMs = options.maxDelayMs ?? 1e4;
     this.bufferLimit = options.bufferLimit ?? 1e3;
     this.random = options.random ?? Math.random;
+    this.dedupeWindow = options.dedupeWindow ?? 2e3;
+    this.keyPrefix = keyPrefix(this.random);
     if ("token" in auth) this.token = auth.token;
     queueMicrotask(() => {
       if (this.closedByUser) return;
@@ -131,6 +170,7 @@ var Client = class extends Emitter {
     if (this.closedByUser) return;
     this.closedByUser = true;
     clearTimeout(this.reconnectTimer);
+    clearTimeout(this.connectTimer);
     const ws = this.ws;
     this.ws = null;
     if (ws) {
@@ -149,18 +189,26 @@ var Client = class extends Emitter {
     this.setState("closed");
   }
   /* ---------------- internals used by Room ---------------- */
-  /** @internal Sends now when synced, else buffers (bounded). */
-  request(frame) {
+  /**
+   * @internal Sends now when synced, else buffers (bounded). With `resend`, a request in flight
+   * when the connection drops is sent again on the next one instead of rejecting.
+   */
+  request(frame, resend = false) {
     if (this.closedByUser) return Promise.reject(new RtgateError("closed", "client closed"));
     return new Promise((resolve, reject) => {
+      const entry = { frame, resolve, reject, resend };
       if (this.ready && this.ws) {
-        this.transmit(frame, resolve, reject);
+        this.transmit(entry);
       } else if (this.buffer.length >= this.bufferLimit) {
         reject(new RtgateError("buffer_full", `send buffer full (${this.bufferLimit})`));
       } else {
-        this.buffer.push({ frame, resolve, reject });
+        this.buffer.push(entry);
       }
     });
+  }
+  /** @internal A fresh idempotency key, unique to this client. */
+  _newIdempotencyKey() {
+    return `${this.keyPrefix}.${(this.nextKey++).toString(36)}`;
   }
   /** @internal Sends on the current socket right away (joins, tracks during resync). */
   requestNow(frame) {
@@ -169,7 +217,7 @@ var Client = class extends Emitter {
         reject(new RtgateError("disconnected", "not connected"));
         return;
       }
-      this.transmit(frame, resolve, reject);
+      this.transmit({ frame, resolve, reject });
     });
   }
   /** @internal */
@@ -190,7 +238,7 @@ var Client = class extends Emitter {
     for (const r of this.rooms.values()) if (r._resyncing) return;
     this.ready = true;
     const queued = this.buffer.splice(0);
-    for (const b of queued) this.transmit(b.frame, b.resolve, b.reject);
+    for (const b of queued) this.transmit(b);
     this.setState("open");
   }
   /** @internal Forces a reconnect (e.g. a rejoin that never got its reply). */
@@ -204,7 +252,8 @@ var Client = class extends Emitter {
     this.onClose(ws, 4e3, reason);
   }
   /* ---------------- connection loop ---------------- */
-  transmit(frame, resolve, reject) {
+  transmit(entry) {
+    const { frame, reject } = entry;
     const ws = this.ws;
     const ref = String(this.nextRef++);
     const timer = this.ackTimeoutMs > 0 ? setTimeout(() => {
@@ -214,13 +263,17 @@ var Client = class extends Emitter {
         );
       }
     }, this.ackTimeoutMs) : void 0;
-    this.pending.set(ref, { resolve, reject, timer });
+    this.pending.set(ref, { ...entry, timer });
     try {
       ws.send(JSON.stringify({ ...frame, ref }));
     } catch (e) {
       clearTimeout(timer);
       this.pending.delete(ref);
-      reject(new RtgateError("disconnected", `send failed: ${String(e)}`));
+      if (entry.resend) {
+        this.buffer.push(entry);
+      } else {
+        reject(new RtgateError("disconnected", `send failed: ${String(e)}`));
+      }
     }
   }
   setState(s) {
@@ -261,7 +314,17 @@ var Client = class extends Emitter {
     };
     ws.onclose = (ev) => this.onClose(ws, ev?.code ?? 1006, ev?.reason ?? "");
     ws.onerror = () => {
+      try {
+        ws.close();
+      } catch {
+      }
+      this.onClose(ws, 1006, "connection error");
     };
+    if (this.connectTimeoutMs > 0) {
+      this.connectTimer = setTimeout(() => {
+        if (this.ws === ws && !this.welcomed) this._reconnect("connect timeout");
+      }, this.connectTimeoutMs);
+    }
   }
   onFrame(raw) {
     if (typeof raw !== "string") {
@@ -320,6 +383,7 @@ var Client = class extends Emitter {
     }
   }
   onWelcome(data) {
+    clearTimeout(this.connectTimer);
     this.welcome = data;
     this.welcomed = true;
     this.attempt = 0;
@@ -329,11 +393,20 @@ var Client = class extends Emitter {
   }
   onClose(ws, code, reason) {
     if (this.ws !== ws) return;
+    clearTimeout(this.connectTimer);
     detach(ws);
     this.ws = null;
     const wasWelcomed = this.welcomed;
     this.welcomed = false;
     this.ready = false;
+    const resend = [];
+    for (const [ref, p] of this.pending) {
+      if (!p.resend) continue;
+      this.pending.delete(ref);
+      clearTimeout(p.timer);
+      resend.push({ frame: p.frame, resolve: p.resolve, reject: p.reject, resend: true });
+    }
+    this.buffer.unshift(...resend);
     this.failPending(() => new RtgateError("disconnected", `connection closed (${code}) before the reply`));
     for (const r of this.rooms.values()) r._onDisconnect();
     if (this.closedByUser) return;
@@ -382,7 +455,19 @@ var Room = class extends Emitter {
     /** True while the application wants this room joined. */
     __publicField(this, "joined", false);
     __publicField(this, "self", true);
+    /** The highest id delivered to the application. */
     __publicField(this, "lastId");
+    /**
+     * Every message up to this id was delivered (or reported lost): the `since` of the next
+     * join. Equal to `lastId` except while an overflow is being recovered.
+     */
+    __publicField(this, "resumeFrom");
+    /** Recently delivered ids, to drop repeats of ids after `resumeFrom`. */
+    __publicField(this, "recent");
+    /** From an overflow notice until the join that recovers it settles. */
+    __publicField(this, "recovering", false);
+    /** An overflow notice arrived while a join was in flight: recover once it settles. */
+    __publicField(this, "recoverAgain", false);
     __publicField(this, "meta", null);
     __publicField(this, "presence", {});
     __publicField(this, "joinWaiters", []);
@@ -392,6 +477,7 @@ var Room = class extends Emitter {
     __publicField(this, "_resyncing", false);
     this.client = client;
     this.name = name;
+    this.recent = new RecentIds(client.dedupeWindow);
   }
   /** The id of the last message delivered to the application. */
   get lastMessageId() {
@@ -413,14 +499,25 @@ var Room = class extends Emitter {
         this.self = opts.self ?? true;
         if (opts.since !== void 0 && (this.lastId === void 0 || compareIds(opts.since, this.lastId) > 0)) {
           this.lastId = opts.since;
+          this.resumeFrom = opts.since;
         }
       }
       if (this.client.isWelcomed && !this.joinInFlight) this.sendJoin();
     });
   }
-  /** Publishes `data` to the room; resolves with the message id on the server's `ack`. */
-  send(data) {
-    return this.client.request({ type: "message", room: this.name, data }).then((d) => ({ id: String(d?.id) }));
+  /**
+   * Publishes `data` to the room; resolves with the message id on the server's `ack`. Every
+   * send carries an idempotency key, so one in flight when the connection drops is sent again
+   * after the reconnect and resolves with the id of the one stored message.
+   */
+  send(data, opts = {}) {
+    const key = opts.idempotencyKey ?? this.client._newIdempotencyKey();
+    if (!KEY_RE.test(key)) {
+      return Promise.reject(
+        new RtgateError("bad_request", "idempotencyKey must be 1-64 bytes of [A-Za-z0-9_.:-]")
+      );
+    }
+    return this.client.request({ type: "message", room: this.name, data, idempotency_key: key }, true).then((d) => ({ id: String(d?.id) }));
   }
   /** Sets this connection's presence meta (re-sent after every rejoin). */
   track(meta = {}) {
@@ -452,6 +549,10 @@ var Room = class extends Emitter {
     this.meta = null;
     this.presence = {};
     this.lastId = void 0;
+    this.resumeFrom = void 0;
+    this.recent.clear();
+    this.recovering = false;
+    this.recoverAgain = false;
     this._resyncing = false;
     this.rejectJoin(new RtgateError("left", "room left before the join completed"));
     this.settleTracks(new RtgateError("left", "room left before the track was sent"));
@@ -469,7 +570,7 @@ var Room = class extends Emitter {
   /* ---------------- internals ---------------- */
   sendJoin() {
     const frame = { type: "join", room: this.name };
-    const since = this.lastId;
+    const since = this.resumeFrom;
     if (since !== void 0) frame.since = since;
     if (!this.self) frame.self = false;
     this.joinInFlight = true;
@@ -477,6 +578,7 @@ var Room = class extends Emitter {
     this.client.requestNow(frame).then(
       () => {
         this.joinInFlight = false;
+        this.replayDone();
         this.afterJoin();
         this.settleJoin(null);
       },
@@ -485,6 +587,7 @@ var Room = class extends Emitter {
         if (e.code === "disconnected") return;
         if (e.code === "history_gap") {
           this.emit("gap", { room: this.name, since, message: e.message });
+          this.replayDone();
           this.afterJoin();
           this.settleJoin(null);
           return;
@@ -509,8 +612,19 @@ var Room = class extends Emitter {
       }
     );
   }
+  /** A join settled: unless another recovery waits, everything up to `lastId` is in. */
+  replayDone() {
+    if (this.recoverAgain) return;
+    this.recovering = false;
+    this.resumeFrom = this.lastId;
+  }
   afterJoin() {
     this._resyncing = false;
+    if (this.recoverAgain) {
+      this.recoverAgain = false;
+      this.recover();
+      return;
+    }
     if (this.meta && this.joined) {
       this.client.requestNow({ type: "track", room: this.name, data: this.meta }).then(
         () => this.settleTracks(null),
@@ -537,10 +651,28 @@ var Room = class extends Emitter {
     const waiters = this.joinWaiters.splice(0);
     for (const w of waiters) w.reject(err);
   }
+  /**
+   * Frames of this room were dropped by the server's overflow policy: rejoin from `since` (the
+   * last id given before the first drop). The replay re-sends what was delivered after it too;
+   * `recent` drops those. Leave and join go out back to back on this connection.
+   */
+  onOverflow(since) {
+    if (this.resumeFrom === void 0 || compareIds(since, this.resumeFrom) < 0) this.resumeFrom = since;
+    this.recovering = true;
+    if (this.joinInFlight) this.recoverAgain = true;
+    else this.recover();
+  }
+  recover() {
+    if (!this.joined || !this.client.isWelcomed) return;
+    this.client.requestNow({ type: "leave", room: this.name }).catch(() => {
+    });
+    this.sendJoin();
+  }
   /** @internal A new connection is welcomed: rejoin. */
   _resync() {
     if (!this.joined) return;
     this.joinInFlight = false;
+    this.recoverAgain = false;
     this.sendJoin();
   }
   /** @internal */
@@ -561,9 +693,17 @@ var Room = class extends Emitter {
     switch (msg.type) {
       case "message":
       case "system": {
+        if (msg.type === "system" && msg.data?.event === "overflow" && typeof msg.data?.since === "string") {
+          this.onOverflow(msg.data.since);
+          this.emit("system", msg);
+          return;
+        }
         if (typeof msg.id === "string") {
-          if (this.lastId !== void 0 && compareIds(msg.id, this.lastId) <= 0) return;
-          this.lastId = msg.id;
+          if (this.resumeFrom !== void 0 && compareIds(msg.id, this.resumeFrom) <= 0) return;
+          if (this.recent.has(msg.id)) return;
+          this.recent.add(msg.id);
+          if (this.lastId === void 0 || compareIds(msg.id, this.lastId) > 0) this.lastId = msg.id;
+          if (!this.recovering) this.resumeFrom = this.lastId;
         }
         this.emit(msg.type, msg);
         return;
@@ -620,6 +760,7 @@ function connect(url, auth, options = {}) {
 }
 export {
   Client,
+  RecentIds,
   Room,
   RtgateError,
   applyDiff,

@@ -40,6 +40,8 @@ export interface ConnectOptions {
   WebSocket?: WebSocketConstructor;
   /** How long a request waits for its `ack`/`error` once written (default 10000). */
   ackTimeoutMs?: number;
+  /** How long a connection attempt may take until `welcome` before it is abandoned and retried (default 10000). */
+  connectTimeoutMs?: number;
   /** Reconnect backoff base (default 250). */
   minDelayMs?: number;
   /** Reconnect backoff cap (default 10000). */
@@ -48,6 +50,20 @@ export interface ConnectOptions {
   bufferLimit?: number;
   /** Random source in [0, 1) for the backoff jitter (tests). */
   random?: () => number;
+  /**
+   * Ids remembered per room to drop duplicates while an overflow is recovered (default 2000).
+   * A recovery replays from before ids already delivered; those are recognised by this set.
+   */
+  dedupeWindow?: number;
+}
+
+export interface SendOptions {
+  /**
+   * The idempotency key (1-64 bytes of `[A-Za-z0-9_.:-]`). By default each `send` gets a fresh
+   * one. Pass your own to retry a send that failed with `timeout` or `unavailable`: a repeat
+   * within the server's idempotency window is acked with the first message's id.
+   */
+  idempotencyKey?: string;
 }
 
 /** An error carrying a machine-readable `code` (the server's `error.data.code`, or a client code). */
@@ -158,20 +174,53 @@ function withToken(url: string, token: string): string {
   return `${url}${sep}token=${encodeURIComponent(token)}`;
 }
 
-const OPEN = 1;
+/** A bounded set of the most recently added ids (oldest evicted first). */
+export class RecentIds {
+  private readonly ids = new Set<string>();
+  constructor(readonly capacity: number) {}
+  has(id: string): boolean {
+    return this.ids.has(id);
+  }
+  add(id: string): void {
+    if (this.capacity <= 0 || this.ids.has(id)) return;
+    this.ids.add(id);
+    if (this.ids.size > this.capacity) {
+      // Sets iterate in insertion order: the first is the oldest.
+      const oldest = this.ids.values().next().value as string;
+      this.ids.delete(oldest);
+    }
+  }
+  clear(): void {
+    this.ids.clear();
+  }
+  get size(): number {
+    return this.ids.size;
+  }
+}
+
+const KEY_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
+
+/** A random prefix that makes this client's idempotency keys unique across clients. */
+function keyPrefix(random: () => number): string {
+  const c = (globalThis as any).crypto;
+  if (c && typeof c.randomUUID === "function") return (c.randomUUID() as string).replace(/-/g, "");
+  let out = "";
+  for (let i = 0; i < 4; i++) out += Math.floor(random() * 0x1_0000_0000).toString(36);
+  return out;
+}
 
 /* ----------------------------------------------------------------------------------------- */
-
-interface Pending {
-  resolve: (data: any) => void;
-  reject: (err: Error) => void;
-  timer: ReturnType<typeof setTimeout> | undefined;
-}
 
 interface Buffered {
   frame: Envelope;
   resolve: (data: any) => void;
   reject: (err: Error) => void;
+  /** Safe to send again after a reconnect (it carries an idempotency key). */
+  resend?: boolean;
+}
+
+interface Pending extends Buffered {
+  timer: ReturnType<typeof setTimeout> | undefined;
 }
 
 type ClientEvents = {
@@ -186,10 +235,14 @@ export class Client extends Emitter<ClientEvents> {
   private readonly auth: Auth;
   private readonly WS: WebSocketConstructor;
   readonly ackTimeoutMs: number;
+  readonly connectTimeoutMs: number;
   readonly minDelayMs: number;
   readonly maxDelayMs: number;
   readonly bufferLimit: number;
+  readonly dedupeWindow: number;
   private readonly random: () => number;
+  private readonly keyPrefix: string;
+  private nextKey = 1;
 
   private ws: WebSocketLike | null = null;
   private token: string | null = null;
@@ -197,6 +250,7 @@ export class Client extends Emitter<ClientEvents> {
   private attempt = 0;
   private nextRef = 1;
   private reconnectTimer: ReturnType<typeof setTimeout> | undefined;
+  private connectTimer: ReturnType<typeof setTimeout> | undefined;
   private pending = new Map<string, Pending>();
   private buffer: Buffered[] = [];
   private rooms = new Map<string, Room>();
@@ -220,10 +274,13 @@ export class Client extends Emitter<ClientEvents> {
     }
     this.WS = WS;
     this.ackTimeoutMs = options.ackTimeoutMs ?? 10_000;
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 10_000;
     this.minDelayMs = options.minDelayMs ?? 250;
     this.maxDelayMs = options.maxDelayMs ?? 10_000;
     this.bufferLimit = options.bufferLimit ?? 1000;
     this.random = options.random ?? Math.random;
+    this.dedupeWindow = options.dedupeWindow ?? 2000;
+    this.keyPrefix = keyPrefix(this.random);
     if ("token" in auth) this.token = auth.token;
     // Let the caller attach listeners before the first state change.
     queueMicrotask(() => {
@@ -258,6 +315,7 @@ export class Client extends Emitter<ClientEvents> {
     if (this.closedByUser) return;
     this.closedByUser = true;
     clearTimeout(this.reconnectTimer);
+    clearTimeout(this.connectTimer);
     const ws = this.ws;
     this.ws = null;
     if (ws) {
@@ -279,18 +337,27 @@ export class Client extends Emitter<ClientEvents> {
 
   /* ---------------- internals used by Room ---------------- */
 
-  /** @internal Sends now when synced, else buffers (bounded). */
-  request(frame: Envelope): Promise<any> {
+  /**
+   * @internal Sends now when synced, else buffers (bounded). With `resend`, a request in flight
+   * when the connection drops is sent again on the next one instead of rejecting.
+   */
+  request(frame: Envelope, resend = false): Promise<any> {
     if (this.closedByUser) return Promise.reject(new RtgateError("closed", "client closed"));
     return new Promise((resolve, reject) => {
+      const entry: Buffered = { frame, resolve, reject, resend };
       if (this.ready && this.ws) {
-        this.transmit(frame, resolve, reject);
+        this.transmit(entry);
       } else if (this.buffer.length >= this.bufferLimit) {
         reject(new RtgateError("buffer_full", `send buffer full (${this.bufferLimit})`));
       } else {
-        this.buffer.push({ frame, resolve, reject });
+        this.buffer.push(entry);
       }
     });
+  }
+
+  /** @internal A fresh idempotency key, unique to this client. */
+  _newIdempotencyKey(): string {
+    return `${this.keyPrefix}.${(this.nextKey++).toString(36)}`;
   }
 
   /** @internal Sends on the current socket right away (joins, tracks during resync). */
@@ -300,7 +367,7 @@ export class Client extends Emitter<ClientEvents> {
         reject(new RtgateError("disconnected", "not connected"));
         return;
       }
-      this.transmit(frame, resolve, reject);
+      this.transmit({ frame, resolve, reject });
     });
   }
 
@@ -325,7 +392,7 @@ export class Client extends Emitter<ClientEvents> {
     for (const r of this.rooms.values()) if (r._resyncing) return;
     this.ready = true;
     const queued = this.buffer.splice(0);
-    for (const b of queued) this.transmit(b.frame, b.resolve, b.reject);
+    for (const b of queued) this.transmit(b);
     this.setState("open");
   }
 
@@ -343,7 +410,8 @@ export class Client extends Emitter<ClientEvents> {
 
   /* ---------------- connection loop ---------------- */
 
-  private transmit(frame: Envelope, resolve: (d: any) => void, reject: (e: Error) => void): void {
+  private transmit(entry: Buffered): void {
+    const { frame, reject } = entry;
     const ws = this.ws!;
     const ref = String(this.nextRef++);
     const timer =
@@ -356,13 +424,18 @@ export class Client extends Emitter<ClientEvents> {
             }
           }, this.ackTimeoutMs)
         : undefined;
-    this.pending.set(ref, { resolve, reject, timer });
+    this.pending.set(ref, { ...entry, timer });
     try {
       ws.send(JSON.stringify({ ...frame, ref }));
     } catch (e) {
       clearTimeout(timer);
       this.pending.delete(ref);
-      reject(new RtgateError("disconnected", `send failed: ${String(e)}`));
+      if (entry.resend) {
+        // The socket is going away: sent again on the next connection.
+        this.buffer.push(entry);
+      } else {
+        reject(new RtgateError("disconnected", `send failed: ${String(e)}`));
+      }
     }
   }
 
@@ -404,9 +477,21 @@ export class Client extends Emitter<ClientEvents> {
       this.onFrame(ev.data);
     };
     ws.onclose = (ev) => this.onClose(ws, ev?.code ?? 1006, ev?.reason ?? "");
+    // Browsers follow an error with a close event; some implementations (Node 20's) do not
+    // when the connection is refused. Either way the socket is done: close it here.
     ws.onerror = () => {
-      /* a close event follows */
+      try {
+        ws.close();
+      } catch {
+        /* ignore */
+      }
+      this.onClose(ws, 1006, "connection error");
     };
+    if (this.connectTimeoutMs > 0) {
+      this.connectTimer = setTimeout(() => {
+        if (this.ws === ws && !this.welcomed) this._reconnect("connect timeout");
+      }, this.connectTimeoutMs);
+    }
   }
 
   private onFrame(raw: unknown): void {
@@ -468,6 +553,7 @@ export class Client extends Emitter<ClientEvents> {
   }
 
   private onWelcome(data: WelcomeData): void {
+    clearTimeout(this.connectTimer);
     this.welcome = data;
     this.welcomed = true;
     this.attempt = 0;
@@ -478,11 +564,22 @@ export class Client extends Emitter<ClientEvents> {
 
   private onClose(ws: WebSocketLike, code: number, reason: string): void {
     if (this.ws !== ws) return;
+    clearTimeout(this.connectTimer);
     detach(ws);
     this.ws = null;
     const wasWelcomed = this.welcomed;
     this.welcomed = false;
     this.ready = false;
+    // Keyed sends go again, first and in their order, on the next connection: a repeat is
+    // acked with the id of the copy that may already be stored, never published twice.
+    const resend: Buffered[] = [];
+    for (const [ref, p] of this.pending) {
+      if (!p.resend) continue;
+      this.pending.delete(ref);
+      clearTimeout(p.timer);
+      resend.push({ frame: p.frame, resolve: p.resolve, reject: p.reject, resend: true });
+    }
+    this.buffer.unshift(...resend);
     this.failPending(() => new RtgateError("disconnected", `connection closed (${code}) before the reply`));
     for (const r of this.rooms.values()) r._onDisconnect();
     if (this.closedByUser) return;
@@ -550,7 +647,19 @@ export class Room extends Emitter<RoomEvents> {
   /** True while the application wants this room joined. */
   joined = false;
   private self = true;
+  /** The highest id delivered to the application. */
   private lastId: string | undefined;
+  /**
+   * Every message up to this id was delivered (or reported lost): the `since` of the next
+   * join. Equal to `lastId` except while an overflow is being recovered.
+   */
+  private resumeFrom: string | undefined;
+  /** Recently delivered ids, to drop repeats of ids after `resumeFrom`. */
+  private readonly recent: RecentIds;
+  /** From an overflow notice until the join that recovers it settles. */
+  private recovering = false;
+  /** An overflow notice arrived while a join was in flight: recover once it settles. */
+  private recoverAgain = false;
   private meta: JsonObject | null = null;
   private presence: PresenceMap = {};
   private joinWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
@@ -563,6 +672,7 @@ export class Room extends Emitter<RoomEvents> {
     super();
     this.client = client;
     this.name = name;
+    this.recent = new RecentIds(client.dedupeWindow);
   }
 
   /** The id of the last message delivered to the application. */
@@ -587,6 +697,7 @@ export class Room extends Emitter<RoomEvents> {
         this.self = opts.self ?? true;
         if (opts.since !== undefined && (this.lastId === undefined || compareIds(opts.since, this.lastId) > 0)) {
           this.lastId = opts.since;
+          this.resumeFrom = opts.since;
         }
       }
       if (this.client.isWelcomed && !this.joinInFlight) this.sendJoin();
@@ -594,10 +705,20 @@ export class Room extends Emitter<RoomEvents> {
     });
   }
 
-  /** Publishes `data` to the room; resolves with the message id on the server's `ack`. */
-  send(data: JsonObject): Promise<{ id: string }> {
+  /**
+   * Publishes `data` to the room; resolves with the message id on the server's `ack`. Every
+   * send carries an idempotency key, so one in flight when the connection drops is sent again
+   * after the reconnect and resolves with the id of the one stored message.
+   */
+  send(data: JsonObject, opts: SendOptions = {}): Promise<{ id: string }> {
+    const key = opts.idempotencyKey ?? this.client._newIdempotencyKey();
+    if (!KEY_RE.test(key)) {
+      return Promise.reject(
+        new RtgateError("bad_request", "idempotencyKey must be 1-64 bytes of [A-Za-z0-9_.:-]"),
+      );
+    }
     return this.client
-      .request({ type: "message", room: this.name, data })
+      .request({ type: "message", room: this.name, data, idempotency_key: key }, true)
       .then((d: any) => ({ id: String(d?.id) }));
   }
 
@@ -635,6 +756,10 @@ export class Room extends Emitter<RoomEvents> {
     this.meta = null;
     this.presence = {};
     this.lastId = undefined;
+    this.resumeFrom = undefined;
+    this.recent.clear();
+    this.recovering = false;
+    this.recoverAgain = false;
     this._resyncing = false;
     this.rejectJoin(new RtgateError("left", "room left before the join completed"));
     this.settleTracks(new RtgateError("left", "room left before the track was sent"));
@@ -654,7 +779,7 @@ export class Room extends Emitter<RoomEvents> {
 
   private sendJoin(): void {
     const frame: Envelope = { type: "join", room: this.name };
-    const since = this.lastId;
+    const since = this.resumeFrom;
     if (since !== undefined) frame.since = since;
     if (!this.self) frame.self = false;
     this.joinInFlight = true;
@@ -662,6 +787,7 @@ export class Room extends Emitter<RoomEvents> {
     this.client.requestNow(frame).then(
       () => {
         this.joinInFlight = false;
+        this.replayDone();
         this.afterJoin();
         this.settleJoin(null);
       },
@@ -670,6 +796,7 @@ export class Room extends Emitter<RoomEvents> {
         if (e.code === "disconnected") return; // retried by _resync on the next connection
         if (e.code === "history_gap") {
           this.emit("gap", { room: this.name, since, message: e.message });
+          this.replayDone();
           this.afterJoin();
           this.settleJoin(null);
           return;
@@ -698,8 +825,20 @@ export class Room extends Emitter<RoomEvents> {
     );
   }
 
+  /** A join settled: unless another recovery waits, everything up to `lastId` is in. */
+  private replayDone(): void {
+    if (this.recoverAgain) return;
+    this.recovering = false;
+    this.resumeFrom = this.lastId;
+  }
+
   private afterJoin(): void {
     this._resyncing = false;
+    if (this.recoverAgain) {
+      this.recoverAgain = false;
+      this.recover();
+      return;
+    }
     if (this.meta && this.joined) {
       this.client.requestNow({ type: "track", room: this.name, data: this.meta }).then(
         () => this.settleTracks(null),
@@ -730,10 +869,31 @@ export class Room extends Emitter<RoomEvents> {
     for (const w of waiters) w.reject(err);
   }
 
+  /**
+   * Frames of this room were dropped by the server's overflow policy: rejoin from `since` (the
+   * last id given before the first drop). The replay re-sends what was delivered after it too;
+   * `recent` drops those. Leave and join go out back to back on this connection.
+   */
+  private onOverflow(since: string): void {
+    if (this.resumeFrom === undefined || compareIds(since, this.resumeFrom) < 0) this.resumeFrom = since;
+    this.recovering = true;
+    if (this.joinInFlight) this.recoverAgain = true; // that join may start after `since`
+    else this.recover(); // disconnected: the next rejoin starts from resumeFrom
+  }
+
+  private recover(): void {
+    if (!this.joined || !this.client.isWelcomed) return; // the next connection's rejoin recovers
+    this.client.requestNow({ type: "leave", room: this.name }).catch(() => {
+      /* a dropped connection rejoins from resumeFrom anyway */
+    });
+    this.sendJoin();
+  }
+
   /** @internal A new connection is welcomed: rejoin. */
   _resync(): void {
     if (!this.joined) return;
     this.joinInFlight = false;
+    this.recoverAgain = false; // this join starts from resumeFrom, which covers it
     this.sendJoin();
   }
 
@@ -757,9 +917,18 @@ export class Room extends Emitter<RoomEvents> {
     switch (msg.type) {
       case "message":
       case "system": {
+        if (msg.type === "system" && msg.data?.event === "overflow" && typeof msg.data?.since === "string") {
+          this.onOverflow(msg.data.since);
+          this.emit("system", msg);
+          return;
+        }
         if (typeof msg.id === "string") {
-          if (this.lastId !== undefined && compareIds(msg.id, this.lastId) <= 0) return; // duplicate
-          this.lastId = msg.id;
+          if (this.resumeFrom !== undefined && compareIds(msg.id, this.resumeFrom) <= 0) return; // duplicate
+          if (this.recent.has(msg.id)) return; // duplicate (recovery replay)
+          this.recent.add(msg.id);
+          if (this.lastId === undefined || compareIds(msg.id, this.lastId) > 0) this.lastId = msg.id;
+          // While an overflow is recovered, ids after the notice may skip dropped ones.
+          if (!this.recovering) this.resumeFrom = this.lastId;
         }
         this.emit(msg.type, msg);
         return;

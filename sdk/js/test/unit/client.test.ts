@@ -1,5 +1,5 @@
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import { backoffDelay, compareIds, connect, type Client, type ConnectOptions } from "../../src/index.js";
+import { backoffDelay, compareIds, connect, RecentIds, type Client, type ConnectOptions } from "../../src/index.js";
 import { FakeWebSocket, msg } from "./fake-ws.js";
 
 const URL_ = "ws://gw.test/api/v1/ws";
@@ -10,7 +10,7 @@ async function settle(ms = 0): Promise<void> {
 }
 
 function opts(extra: ConnectOptions = {}): ConnectOptions {
-  return { WebSocket: FakeWebSocket as any, random: () => 0.5, ...extra };
+  return { WebSocket: FakeWebSocket as any, random: () => 0.5, connectTimeoutMs: 0, ...extra };
 }
 
 /** Connects with a fixed token and accepts the first socket. */
@@ -144,13 +144,205 @@ describe("requests", () => {
     expect(got[0].data.text).toBe("yo");
   });
 
-  it("rejects in-flight requests with code disconnected when the socket drops", async () => {
+  it("rejects in-flight requests without a key (direct) with code disconnected when the socket drops", async () => {
     const { client, ws } = await connected();
-    const room = await joined(client, ws);
-    const p = room.send({ text: "x" });
+    await joined(client, ws);
+    const p = client.direct("bob", { text: "x" });
     ws.serverClose(1006);
     await expect(p).rejects.toMatchObject({ code: "disconnected" });
     client.close();
+  });
+});
+
+describe("connection failures", () => {
+  it("an error without a close event (Node 20 on a refused connection) still reconnects", async () => {
+    const client = connect(URL_, { token: "t" }, opts());
+    await settle();
+    const first = FakeWebSocket.last();
+    first.onerror?.({});
+    await settle(20_000);
+    expect(FakeWebSocket.instances.length).toBe(2);
+    expect(first.closedWith).not.toBeNull();
+    FakeWebSocket.last().accept();
+    await settle();
+    expect(client.state).toBe("open");
+    client.close();
+  });
+
+  it("an attempt with no welcome within connectTimeoutMs is abandoned and retried", async () => {
+    const client = connect(URL_, { token: "t" }, opts({ connectTimeoutMs: 1000 }));
+    await settle();
+    const first = FakeWebSocket.last();
+    await settle(999);
+    expect(FakeWebSocket.instances.length).toBe(1);
+    await settle(1 + 200); // the timeout, then the backoff (0.5 * 250 ms)
+    expect(FakeWebSocket.instances.length).toBe(2);
+    expect(first.closedWith).not.toBeNull();
+    FakeWebSocket.last().accept();
+    await settle();
+    expect(client.state).toBe("open");
+    // Welcomed: the timeout no longer applies.
+    await settle(5000);
+    expect(client.state).toBe("open");
+    client.close();
+  });
+});
+
+describe("idempotent sends", () => {
+  it("puts a fresh valid idempotency_key on every send, or the caller's", async () => {
+    const { client, ws } = await connected();
+    const room = await joined(client, ws);
+    room.send({ n: 1 }).catch(() => {});
+    room.send({ n: 2 }).catch(() => {});
+    room.send({ n: 3 }, { idempotencyKey: "order-17:retry.1" }).catch(() => {});
+    const keys = ws.sentOf("message").map((f) => f.idempotency_key);
+    expect(keys).toHaveLength(3);
+    for (const k of keys.slice(0, 2)) expect(k).toMatch(/^[A-Za-z0-9_.:-]{1,64}$/);
+    expect(new Set(keys).size).toBe(3);
+    expect(keys[2]).toBe("order-17:retry.1");
+    await expect(room.send({}, { idempotencyKey: "no spaces" })).rejects.toMatchObject({ code: "bad_request" });
+    await expect(room.send({}, { idempotencyKey: "x".repeat(65) })).rejects.toMatchObject({ code: "bad_request" });
+    client.close();
+  });
+
+  it("two clients never share a key", async () => {
+    const a = await connected();
+    const ra = await joined(a.client, a.ws);
+    const b = await connected();
+    const rb = await joined(b.client, b.ws);
+    ra.send({}).catch(() => {});
+    rb.send({}).catch(() => {});
+    expect(a.ws.sentOf("message")[0].idempotency_key).not.toBe(b.ws.sentOf("message")[0].idempotency_key);
+    a.client.close();
+    b.client.close();
+  });
+
+  it("resends sends in flight at a disconnect with the same keys, first and in order, after the rejoin", async () => {
+    const { client, ws } = await connected();
+    const room = await joined(client, ws);
+    const inFlight = [room.send({ n: 1 }), room.send({ n: 2 })];
+    const firstKeys = ws.sentOf("message").map((f) => f.idempotency_key);
+    ws.ack(ws.sentOf("message")[0], { id: "5-0" }); // n=1 acked before the drop
+    await expect(inFlight[0]).resolves.toEqual({ id: "5-0" });
+    ws.serverClose(1006);
+    const later = room.send({ n: 3 }); // buffered while disconnected
+    await settle(20_000);
+    const ws2 = FakeWebSocket.last();
+    ws2.accept();
+    await settle();
+    expect(ws2.sent.map((f) => f.type)).toEqual(["join"]);
+    ws2.ack(ws2.sent[0]);
+    await settle();
+    const resent = ws2.sentOf("message");
+    expect(resent.map((f) => f.data.n)).toEqual([2, 3]);
+    expect(resent[0].idempotency_key).toBe(firstKeys[1]);
+    // The server had stored n=2 before the drop: the repeat is acked with that id.
+    ws2.ack(resent[0], { id: "6-0" });
+    ws2.ack(resent[1], { id: "7-0" });
+    await expect(inFlight[1]).resolves.toEqual({ id: "6-0" });
+    await expect(later).resolves.toEqual({ id: "7-0" });
+    client.close();
+  });
+
+  it("a resent send still times out if the new connection never answers", async () => {
+    const { client, ws } = await connected({ ackTimeoutMs: 1000 });
+    const room = await joined(client, ws);
+    const p = room.send({ n: 1 });
+    const caught = p.catch((e) => e);
+    ws.serverClose(1006);
+    await settle(20_000);
+    const ws2 = FakeWebSocket.last();
+    ws2.accept();
+    await settle();
+    ws2.ack(ws2.sent[0]);
+    await settle();
+    expect(ws2.sentOf("message")).toHaveLength(1);
+    await settle(1500);
+    expect(await caught).toMatchObject({ code: "timeout" });
+    client.close();
+  });
+});
+
+describe("overflow recovery", () => {
+  it("rejoins from the notice's since and delivers the dropped messages once", async () => {
+    const { client, ws } = await connected();
+    const room = client.room(ROOM);
+    const seen: string[] = [];
+    room.on("message", (m) => seen.push(m.id!));
+    const notices: any[] = [];
+    room.on("system", (m) => notices.push(m.data));
+    await joined(client, ws);
+    // Given 1..3, then 4..7 dropped (drop_oldest), then 8..9 given, then the notice.
+    for (const id of ["1-0", "2-0", "3-0", "8-0", "9-0"]) ws.push(msg(ROOM, id));
+    ws.push({ type: "system", room: ROOM, data: { event: "overflow", since: "3-0" } });
+    expect(notices).toEqual([{ event: "overflow", since: "3-0" }]);
+    const sent = ws.sent.slice(-2);
+    expect(sent[0]).toMatchObject({ type: "leave", room: ROOM });
+    expect(sent[1]).toMatchObject({ type: "join", room: ROOM, since: "3-0" });
+    ws.ack(sent[0]);
+    // Live frames queued before the leave took effect.
+    ws.push(msg(ROOM, "10-0"));
+    // The replay: everything after 3-0, in order, including what was already delivered.
+    for (const id of ["4-0", "5-0", "6-0", "7-0", "8-0", "9-0", "10-0", "11-0"]) ws.push(msg(ROOM, id));
+    ws.push({ type: "presence_state", room: ROOM, data: {} });
+    ws.ack(sent[1]);
+    await settle();
+    ws.push(msg(ROOM, "11-0")); // a duplicate after the recovery
+    ws.push(msg(ROOM, "12-0"));
+    expect(seen).toEqual(["1-0", "2-0", "3-0", "8-0", "9-0", "10-0", "4-0", "5-0", "6-0", "7-0", "11-0", "12-0"]);
+    expect(new Set(seen).size).toBe(seen.length);
+    expect(room.lastMessageId).toBe("12-0");
+    // A later reconnect resumes from the newest id, not from the notice.
+    const ws2 = await reconnect(ws);
+    expect(ws2.sentOf("join")[0]).toMatchObject({ since: "12-0" });
+    client.close();
+  });
+
+  it("a connection lost during the recovery rejoins from the notice's since", async () => {
+    const { client, ws } = await connected();
+    const room = client.room(ROOM);
+    const seen: string[] = [];
+    room.on("message", (m) => seen.push(m.id!));
+    await joined(client, ws);
+    for (const id of ["1-0", "5-0"]) ws.push(msg(ROOM, id));
+    ws.push({ type: "system", room: ROOM, data: { event: "overflow", since: "1-0" } });
+    const ws2 = await reconnect(ws);
+    const join = ws2.sentOf("join")[0];
+    expect(join).toMatchObject({ since: "1-0" });
+    for (const id of ["2-0", "3-0", "4-0", "5-0", "6-0"]) ws2.push(msg(ROOM, id));
+    ws2.ack(join);
+    await settle();
+    expect(seen).toEqual(["1-0", "5-0", "2-0", "3-0", "4-0", "6-0"]);
+    client.close();
+  });
+
+  it("a notice while a join is in flight recovers again once it settles", async () => {
+    const { client, ws } = await connected();
+    const room = client.room(ROOM);
+    await joined(client, ws);
+    ws.push(msg(ROOM, "3-0"));
+    ws.push({ type: "system", room: ROOM, data: { event: "overflow", since: "3-0" } });
+    const firstJoin = ws.lastSent();
+    ws.push(msg(ROOM, "9-0"));
+    ws.push({ type: "system", room: ROOM, data: { event: "overflow", since: "2-0" } });
+    expect(ws.sentOf("join")).toHaveLength(2); // the initial join and the first recovery
+    ws.ack(firstJoin);
+    await settle();
+    const joins = ws.sentOf("join");
+    expect(joins).toHaveLength(3);
+    expect(joins[2]).toMatchObject({ since: "2-0" });
+    ws.ack(joins[2]);
+    await settle();
+    expect(room.lastMessageId).toBe("9-0");
+    client.close();
+  });
+
+  it("remembers a bounded number of ids", () => {
+    const r = new RecentIds(3);
+    for (const id of ["1-0", "2-0", "3-0", "4-0"]) r.add(id);
+    expect(r.size).toBe(3);
+    expect(r.has("1-0")).toBe(false);
+    expect(r.has("4-0")).toBe(true);
   });
 });
 
