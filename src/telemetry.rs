@@ -208,6 +208,18 @@ pub mod metric {
         counter!("rtgate_dropped_frames_total", "policy" => policy.as_str()).increment(1);
     }
 
+    /// Live events not held for a member during its `since` replay (more than
+    /// `broker.replay_limit` arrived meanwhile); the member gets an overflow notice.
+    pub fn dropped_while_replaying(n: u64) {
+        counter!("rtgate_dropped_frames_total", "policy" => "replay_buffer").increment(n);
+    }
+
+    /// An instance catching up a room from history found messages trimmed before it read
+    /// them; its members got an overflow notice.
+    pub fn catch_up_lost() {
+        counter!("rtgate_catch_up_lost_total").increment(1);
+    }
+
     /// A connection was told which room lost messages and from where to recover them.
     pub fn overflow_notice() {
         counter!("rtgate_overflow_notices_total").increment(1);

@@ -335,3 +335,83 @@ async fn a_since_from_before_a_memory_broker_restart_is_a_gap() {
     assert_eq!(reply["type"], "ack", "{reply}");
     assert_eq!(numbers(&replayed), vec![1]);
 }
+
+/// Live messages that arrive while a `since` replay is stuck behind a slow reader are held
+/// for it, up to `broker.replay_limit`; beyond that they are not held but announced with an
+/// overflow notice, and rejoining from its `since` recovers them: each message once.
+#[tokio::test]
+async fn live_messages_beyond_the_replay_buffer_are_announced_and_recoverable() {
+    const BEFORE: usize = 500;
+    const DURING: usize = 600;
+    let server = Server::start(
+        "[ws]\nsend_queue_max = 8\nrate_limit_per_sec = 100000\nrate_limit_burst = 100000\n\
+         [broker]\nhistory_size = 5000\nreplay_limit = 500",
+    )
+    .await;
+    let room = "public:replay-buffer";
+    let mut publisher = server.user("p").await;
+    let pad = "x".repeat(32 * 1024 - 200);
+    let mut ids = Vec::new();
+    for i in 0..BEFORE {
+        ids.push(publisher.publish(room, json!({"n": i, "pad": pad})).await);
+    }
+    // 499 frames of 32 KiB to replay: far more than the socket buffers take, so the replay
+    // waits for the reader while the next messages arrive live.
+    let mut slow = Client::connect_small_rcvbuf(&server.ws_url(&token("slow", false, 3600))).await;
+    slow.read_welcome().await;
+    slow.send_json(&json!({"type": "join", "room": room, "since": ids[0], "ref": "j"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in BEFORE..BEFORE + DURING {
+        ids.push(publisher.publish(room, json!({"n": i, "pad": pad})).await);
+    }
+
+    let mut received: Vec<String> = Vec::new();
+    let mut notices: Vec<String> = Vec::new();
+    let mut acked = false;
+    for _ in 0..(BEFORE + DURING) * 4 {
+        let Some(v) = slow.recv_json(Duration::from_millis(1500)).await else {
+            break;
+        };
+        if v["ref"] == "j" {
+            assert_eq!(v["type"], "ack", "{v}");
+            acked = true;
+        } else if v["type"] == "message" && v["room"] == room {
+            received.push(v["id"].as_str().expect("id").to_string());
+        } else if v["type"] == "system" && v["data"]["event"] == "overflow" {
+            notices.push(v["data"]["since"].as_str().expect("since").to_string());
+        }
+    }
+    assert!(acked, "the join was acked");
+    let not_held = server
+        .metric_sum("rtgate_dropped_frames_total", "policy=\"replay_buffer\"")
+        .await;
+    assert!(
+        not_held > 0.0,
+        "the replay was not stuck: the test proves nothing"
+    );
+    assert_eq!(notices.len(), 1, "one notice for the room: {notices:?}");
+    // What came is the start of the sequence, in order, each once.
+    assert_eq!(received, ids[1..1 + received.len()].to_vec());
+    assert_eq!(
+        notices[0],
+        *received.last().unwrap(),
+        "since = the last message given"
+    );
+    assert_eq!(
+        received.len(),
+        BEFORE - 1 + 500,
+        "the replay, then the 500 live messages held (replay_limit)"
+    );
+    assert_eq!(not_held as usize, DURING - 500);
+
+    slow.leave(room).await;
+    let (replayed, reply) = join_since(&mut slow, room, &notices[0]).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    let recovered: Vec<String> = replayed
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    received.extend(recovered);
+    assert_eq!(received, ids[1..].to_vec(), "each message once, in order");
+}

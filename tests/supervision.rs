@@ -143,3 +143,105 @@ async fn a_master_demoted_under_the_instance_fails_its_probes_until_promoted_aga
     assert_eq!(got["id"], id.as_str());
     sub.assert_alive().await;
 }
+
+/// Before: an instance whose subscription dropped while the stream trimmed past its last
+/// delivered message caught up with what was left and skipped the rest silently. Now its
+/// members get an overflow notice from that id (and a rejoin from it answers `history_gap`).
+#[tokio::test]
+async fn a_catch_up_past_trimmed_history_is_announced() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start_standalone().await;
+    let cfg = redis.broker_toml("", "stream_maxlen = 5\ncommand_timeout = \"500ms\"");
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let room = "public:trimmed-catch-up";
+    let mut sub = b.user("sub").await;
+    sub.join(room).await;
+    let mut publisher = a.user("pub").await;
+    let first = publisher.publish(room, json!({"n": 0})).await;
+    let v = sub.recv_message(room, WAIT).await.expect("first message");
+    assert_eq!(v["id"], first.as_str());
+
+    // Redis drops B's subscription once it falls 1 MiB behind; B is frozen meanwhile.
+    // (A RESP3 subscriber counts as a normal client; the catch-up's replies stay below that.)
+    let _: String = redis_cmd(
+        redis.port,
+        &[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "normal 1048576 1048576 0 pubsub 1048576 1048576 0",
+        ],
+    )
+    .await
+    .unwrap();
+    let pid = b.pid().to_string();
+    let signal = |s: &str| {
+        std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .expect("kill");
+    };
+    signal("-STOP");
+    let pad = "x".repeat(32 * 1024 - 200);
+    let mut ids = vec![first];
+    for n in 1..400 {
+        ids.push(publisher.publish(room, json!({"n": n, "pad": pad})).await);
+    }
+    signal("-CONT");
+
+    let mut received = vec![ids[0].clone()];
+    let mut notice = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && received.last() != ids.last() {
+        let Some(v) = sub.recv_json(Duration::from_millis(500)).await else {
+            continue;
+        };
+        if v["type"] == "message" && v["room"] == room {
+            received.push(v["id"].as_str().unwrap().to_string());
+        } else if v["type"] == "system" && v["data"]["event"] == "overflow" {
+            notice = Some((
+                v["data"]["since"].as_str().unwrap().to_string(),
+                received.len(),
+            ));
+        }
+    }
+    let (since, at) = notice.unwrap_or_else(|| {
+        panic!(
+            "the trimmed messages were not announced ({} of {} delivered)",
+            received.len(),
+            ids.len()
+        )
+    });
+    println!(
+        "catch-up past trimmed history: {} of {} delivered, notice since {since}",
+        received.len(),
+        ids.len()
+    );
+    assert_eq!(
+        received.last(),
+        ids.last(),
+        "the retained messages are delivered"
+    );
+    assert_eq!(
+        since,
+        received[at - 1],
+        "since = the last message given before the loss"
+    );
+    let mut expect = ids.iter().filter(|id| received.contains(id));
+    assert!(
+        received.iter().all(|r| expect.next() == Some(r)),
+        "in order, each once"
+    );
+    assert!(received.len() < ids.len(), "messages were lost (trimmed)");
+    assert!(b.metric_sum("rtgate_catch_up_lost_total", "").await >= 1.0);
+
+    sub.leave(room).await;
+    sub.request_err(
+        json!({"type": "join", "room": room, "since": since}),
+        "history_gap",
+    )
+    .await;
+}

@@ -192,6 +192,9 @@ pub trait Deliver: Send + Sync + 'static {
     fn room_event(&self, event: Arc<RoomEvent>);
     fn direct(&self, msg: Arc<DirectMessage>);
     fn presence(&self, diff: Arc<PresenceDiff>);
+    /// Messages of `room` after `since` can no longer be delivered here (the broker dropped
+    /// them before this instance read them): local members are told where to recover from.
+    fn lost(&self, _room: &RoomName, _since: MessageId) {}
     /// Read by a receiving task that restarts after a fault, to subscribe again.
     fn wanted(&self) -> Wanted {
         Wanted::default()

@@ -66,6 +66,10 @@ mod names {
     pub fn probe_key(instance: &str) -> String {
         format!("rt:probe-seq:{instance}")
     }
+    /// The key written to confirm that what was just read is replicated.
+    pub fn confirm_key(instance: &str) -> String {
+        format!("rt:confirm:{instance}")
+    }
     pub const ROOM_PREFIX: &str = "rt:room:";
     pub const USER_PREFIX: &str = "rt:user:";
 }
@@ -453,6 +457,17 @@ impl Broker for RedisBroker {
                         .await
                         .map_err(|e| self.failed(e))?,
                 );
+            }
+        }
+        if history.as_ref().is_some_and(|h| !h.events.is_empty()) {
+            match confirm_read(&self.shared, &mut master).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(unavailable(
+                        "the replicas did not confirm the history in time",
+                    ));
+                }
+                Err(e) => return Err(self.failed(e)),
             }
         }
         Ok(history.unwrap_or_default())
@@ -945,6 +960,42 @@ async fn connect(shared: &Shared) -> Result<Connected, RedisError> {
     })
 }
 
+/// With replicas to wait for, confirms that what was just read from `master` is on
+/// `min_replicas_ack` replicas: a write made after the read, then `WAIT` for it. Replication is
+/// one ordered stream, so a replica that has the write has every entry the read returned.
+/// Without this, a master frozen through a failover and then resumed (before it is demoted)
+/// could hand out entries stored after the new master took over, which no failover keeps.
+/// Returns whether the replicas confirmed in time.
+async fn confirm_read(
+    shared: &Shared,
+    master: &mut MultiplexedConnection,
+) -> Result<bool, RedisError> {
+    let min_acks = shared.min_acks.load(Ordering::Relaxed);
+    if min_acks == 0 {
+        return Ok(true);
+    }
+    let ttl_ms = shared.cfg.wait_timeout.as_millis().max(1000) as u64;
+    let (_, acked): (Value, i64) = redis::pipe()
+        .cmd("SET")
+        .arg(names::confirm_key(&shared.instance_id))
+        .arg(1)
+        .arg("PX")
+        .arg(ttl_ms)
+        .cmd("WAIT")
+        .arg(min_acks)
+        .arg(shared.cfg.wait_timeout.as_millis() as u64)
+        .query_async(master)
+        .await?;
+    if acked < i64::from(min_acks) {
+        tracing::warn!(
+            acked,
+            min_acks,
+            "history read not confirmed by the replicas"
+        );
+    }
+    Ok(acked >= i64::from(min_acks))
+}
+
 fn io_timeout(what: &str) -> RedisError {
     RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
@@ -1273,6 +1324,21 @@ async fn catch_up(
     through: Option<MessageId>,
 ) -> Result<(), RedisError> {
     const PAGE: usize = 500;
+    if let Some(&last) = subs.rooms.get(room) {
+        // Entries after `last` trimmed before this instance read them: not silently skipped.
+        let trimmed: Option<String> = redis::cmd("GET")
+            .arg(names::trimmed(room))
+            .query_async(master)
+            .await?;
+        if let Some(trimmed) = trimmed.and_then(|t| t.parse::<MessageId>().ok())
+            && trimmed > last
+            && last != MessageId::ZERO
+        {
+            tracing::warn!(room = %room, since = %last, trimmed = %trimmed, "catch-up lost trimmed messages");
+            crate::telemetry::metric::catch_up_lost();
+            shared.sink.lost(room, last);
+        }
+    }
     for _ in 0..1000 {
         let Some(&last) = subs.rooms.get(room) else {
             return Ok(());
@@ -1290,6 +1356,10 @@ async fn catch_up(
             .await?;
         let events = parse_entries(room, &entries);
         let full = entries.len() == PAGE;
+        if !events.is_empty() && !confirm_read(shared, master).await? {
+            // Try again on a fresh connection (maybe to another master), later.
+            return Err(io_timeout("replica confirmation of the catch-up"));
+        }
         for event in events {
             deliver_room(shared, subs, Arc::new(event));
         }

@@ -86,7 +86,29 @@ struct Member {
     session: Arc<Session>,
     echo_self: bool,
     /// Set while a `since` replay is running: live events wait here instead of the queue.
-    replay_buffer: Option<Arc<Mutex<Vec<Arc<RoomEvent>>>>>,
+    replay_buffer: Option<Arc<Mutex<ReplayBuffer>>>,
+}
+
+/// Live events held for a member while its `since` replay runs; bounded: once `max` are held,
+/// later ones are not kept and the member is told to recover them (an overflow notice).
+#[derive(Default)]
+struct ReplayBuffer {
+    events: Vec<Arc<RoomEvent>>,
+    max: usize,
+    /// Live events not held because the buffer was full.
+    not_held: u64,
+}
+
+impl ReplayBuffer {
+    /// Once one event was not held, none is: the loss is one contiguous run, announced
+    /// from the last event given.
+    fn hold(&mut self, event: Arc<RoomEvent>) {
+        if self.not_held == 0 && self.events.len() < self.max {
+            self.events.push(event);
+        } else {
+            self.not_held += 1;
+        }
+    }
 }
 
 struct Room {
@@ -179,14 +201,15 @@ impl Hub {
     }
 
     /// Adds `session` to `room`, subscribing the room at the broker if it is the first member.
-    /// With `replay`, live events for this member are held until [`Hub::finish_replay`].
+    /// With `replay = Some(max)`, up to `max` live events for this member are held until
+    /// [`Hub::take_held`] ends the replay.
     fn join(
         &self,
         broker: &dyn Broker,
         room: &RoomName,
         session: &Arc<Session>,
         echo_self: bool,
-        replay: bool,
+        replay: Option<usize>,
     ) -> Joined {
         let mut rooms = self.rooms.write();
         let entry = rooms.entry(room.clone()).or_insert_with(|| {
@@ -212,7 +235,12 @@ impl Hub {
         entry.members.push(Member {
             session: session.clone(),
             echo_self,
-            replay_buffer: replay.then(Arc::default),
+            replay_buffer: replay.map(|max| {
+                Arc::new(Mutex::new(ReplayBuffer {
+                    max,
+                    ..ReplayBuffer::default()
+                }))
+            }),
         });
         Joined {
             subscribed,
@@ -243,41 +271,50 @@ impl Hub {
         true
     }
 
-    /// Ends a `since` replay: queues the live events held meanwhile that are newer than
-    /// `delivered_through`, and delivers live from now on. Runs under the rooms lock so no
-    /// event slips between the buffer and the queue.
-    fn finish_replay(&self, room: &RoomName, session_id: u64, delivered_through: MessageId) {
+    /// Continues a `since` replay that got through `delivered_through`: returns the live
+    /// events held meanwhile that are newer (the caller queues them with backpressure, then
+    /// asks again), or, when none are left, ends the replay under the rooms lock, so no event
+    /// slips between the buffer and the queue, and live delivery goes on from there. Events
+    /// that were not held (the buffer was full) are announced with an overflow notice.
+    fn take_held(
+        &self,
+        room: &RoomName,
+        session_id: u64,
+        delivered_through: MessageId,
+    ) -> Vec<Arc<RoomEvent>> {
         let mut rooms = self.rooms.write();
         let Some(entry) = rooms.get_mut(room) else {
-            return;
+            return Vec::new();
         };
-        {
-            let mut last = entry.last_id.lock();
-            *last = (*last).max(delivered_through);
-        }
         let Some(member) = entry
             .members
             .iter_mut()
             .find(|m| m.session.id == session_id)
         else {
-            return;
+            return Vec::new();
         };
-        let Some(buffer) = member.replay_buffer.take() else {
-            return;
+        let Some(buffer) = &member.replay_buffer else {
+            return Vec::new();
         };
-        let held = std::mem::take(&mut *buffer.lock());
-        let mut prev = delivered_through;
-        for event in held.iter().filter(|e| e.id > delivered_through) {
-            let frame = room_event_frame(event);
-            metric::delivered(event.msg.kind.as_str(), 1);
-            metric::bytes_out(frame.len() as u64);
-            let mark = Arc::new(EventMark {
-                room: room.clone(),
-                prev,
-            });
-            member.session.send_event(frame, &mark);
-            prev = event.id;
+        let mut held = buffer.lock();
+        let newer: Vec<Arc<RoomEvent>> = std::mem::take(&mut held.events)
+            .into_iter()
+            .filter(|e| e.id > delivered_through)
+            .collect();
+        if !newer.is_empty() {
+            return newer;
         }
+        let not_held = held.not_held;
+        drop(held);
+        member.replay_buffer = None;
+        if not_held > 0 {
+            // Live events after `delivered_through` were not held: still in history.
+            metric::dropped_while_replaying(not_held);
+            member.session.queue.announce_loss(room, delivered_through);
+        }
+        let mut last = entry.last_id.lock();
+        *last = (*last).max(delivered_through);
+        Vec::new()
     }
 
     /// Registers `session` unless a connection limit is reached; the first connection of a
@@ -374,6 +411,15 @@ fn presence_map(entries: &[PresenceEntry]) -> serde_json::Map<String, serde_json
 }
 
 impl Deliver for Hub {
+    fn lost(&self, room: &RoomName, since: MessageId) {
+        let rooms = self.rooms.read();
+        if let Some(room_entry) = rooms.get(room) {
+            for member in &room_entry.members {
+                member.session.queue.announce_loss(room, since);
+            }
+        }
+    }
+
     fn wanted(&self) -> Wanted {
         Wanted {
             rooms: self
@@ -423,7 +469,7 @@ impl Deliver for Hub {
                 continue;
             }
             if let Some(buffer) = &member.replay_buffer {
-                buffer.lock().push(event.clone());
+                buffer.lock().hold(event.clone());
                 continue;
             }
             member.session.send_event(frame.clone(), &mark);

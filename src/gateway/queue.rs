@@ -183,6 +183,22 @@ impl SendQueue {
         outcome
     }
 
+    /// Announces, once the queue has room, that `room` lost messages after `since` (frames
+    /// that never entered the queue).
+    pub fn announce_loss(&self, room: &RoomName, since: MessageId) {
+        let mut q = self.inner.lock();
+        if q.close.is_some() {
+            return;
+        }
+        let mark = Arc::new(EventMark {
+            room: room.clone(),
+            prev: since,
+        });
+        q.record_loss(Some(&mark));
+        drop(q);
+        self.wake.notify_one();
+    }
+
     /// Queues a reply to the connection's own request. Replies are never dropped: every request
     /// with a `ref` gets its answer. They stay bounded because the reader stops reading new
     /// requests while the queue is full (see [`SendQueue::wait_for_room`]).

@@ -440,7 +440,7 @@ impl Connection {
             &room,
             &self.session,
             echo_self,
-            since.is_some(),
+            since.map(|_| gw.config.broker.replay_limit),
         );
         if joined.already_member {
             return Ok(Some("{}".into()));
@@ -496,8 +496,20 @@ impl Connection {
                     ));
                 }
             }
-            gw.hub
-                .finish_replay(&room, self.session.id, delivered_through);
+            // Then what arrived live meanwhile, with the same backpressure, until nothing
+            // is held: live delivery takes over from there.
+            loop {
+                let held = gw.hub.take_held(&room, self.session.id, delivered_through);
+                let Some(last) = held.last() else { break };
+                delivered_through = last.id;
+                for event in &held {
+                    self.session.queue.wait_for_room().await;
+                    let frame = super::room_event_frame(event);
+                    metric::delivered(event.msg.kind.as_str(), 1);
+                    metric::bytes_out(frame.len() as u64);
+                    self.session.queue.push_reply(frame);
+                }
+            }
         }
 
         match gw.broker.presence(&room).await {
