@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use rtgate::auth::Authenticator;
 use rtgate::broker::idempotency::{IdempotencyStore, LocalIdempotency};
-use rtgate::broker::{Broker, KafkaBroker, MemoryBroker, RedisBroker};
+use rtgate::broker::{Broker, KafkaBroker, MemoryBroker, ProbeTiming, RedisBroker};
 use rtgate::config::{BrokerKind, Config};
 use rtgate::gateway::{Gateway, Hub};
 
@@ -218,6 +218,10 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
                 KafkaBroker::start(
                     config.kafka.clone(),
                     hub.instance_id().clone(),
+                    ProbeTiming {
+                        interval: config.broker.probe_interval,
+                        timeout: config.broker.probe_timeout,
+                    },
                     hub.clone(),
                     side,
                 )

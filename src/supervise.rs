@@ -58,22 +58,38 @@ where
 
 /// Test-only fault injection: in debug builds started with `RTGATE_FAULT_INJECTION=1`, the
 /// first message of the room `public:fault-panic` panics the task that receives it, once.
-/// Compiled out of release builds.
 pub fn fault_point(room: &str) {
+    if injected("panic", room) {
+        panic!("injected fault (RTGATE_FAULT_INJECTION)");
+    }
+}
+
+/// Test-only fault injection: true once, for the first message of the room
+/// `public:fault-<fault>`, in debug builds started with `RTGATE_FAULT_INJECTION=1`; always
+/// false in release builds. `deaf`: the Kafka consumer stops reading (its probes then fail).
+pub fn injected(fault: &str, room: &str) -> bool {
     #[cfg(debug_assertions)]
     {
-        use std::sync::OnceLock;
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Mutex, OnceLock};
         static ENABLED: OnceLock<bool> = OnceLock::new();
-        static FIRED: AtomicBool = AtomicBool::new(false);
+        static FIRED: Mutex<Vec<String>> = Mutex::new(Vec::new());
         let enabled =
             *ENABLED.get_or_init(|| std::env::var("RTGATE_FAULT_INJECTION").as_deref() == Ok("1"));
-        if enabled && room == "public:fault-panic" && !FIRED.swap(true, Ordering::SeqCst) {
-            panic!("injected fault (RTGATE_FAULT_INJECTION)");
+        if !enabled || room.strip_prefix("public:fault-") != Some(fault) {
+            return false;
         }
+        let mut fired = FIRED.lock().unwrap_or_else(|p| p.into_inner());
+        if fired.iter().any(|f| f == fault) {
+            return false;
+        }
+        fired.push(fault.to_string());
+        true
     }
     #[cfg(not(debug_assertions))]
-    let _ = room;
+    {
+        let _ = (fault, room);
+        false
+    }
 }
 
 fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {

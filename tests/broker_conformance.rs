@@ -576,7 +576,7 @@ mod kafka {
     use super::*;
     use crate::common::kafka::{KafkaServer, require_kafka};
     use crate::common::redis::{RedisServer, require_redis};
-    use rtgate::broker::{KafkaBroker, RedisBroker};
+    use rtgate::broker::{KafkaBroker, ProbeTiming, RedisBroker};
     use rtgate::config::{KafkaConfig, RedisConfig};
 
     /// Two instances on one Kafka; presence and heartbeats through one Redis, as configured in
@@ -601,9 +601,15 @@ mod kafka {
                 ..KafkaConfig::default()
             };
             let broker: Arc<dyn Broker> = Arc::new(
-                KafkaBroker::start(cfg, id.into(), sink.clone(), side.clone())
-                    .unwrap()
-                    .with_idempotency(side, Duration::from_secs(300)),
+                KafkaBroker::start(
+                    cfg,
+                    id.into(),
+                    ProbeTiming::default(),
+                    sink.clone(),
+                    side.clone(),
+                )
+                .unwrap()
+                .with_idempotency(side, Duration::from_secs(300)),
             );
             Instance { broker, sink }
         };

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::kafka::{KafkaServer, require_kafka};
+use common::kafka::{KafkaServer, require_kafka, require_persistent_kafka};
 use common::redis::{RedisServer, require_redis};
 use common::{Server, WAIT, messages_in};
 use rdkafka::config::ClientConfig;
@@ -15,7 +15,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use rtgate::broker::{
     Broker, Deliver, DirectMessage, KafkaBroker, MemoryBroker, MessageKind, PresenceDiff,
-    RoomEvent, RoomMessage,
+    ProbeTiming, RoomEvent, RoomMessage,
 };
 use rtgate::config::KafkaConfig;
 use serde_json::{Value, json};
@@ -62,7 +62,7 @@ async fn a_plain_kafka_consumer_finds_the_envelope_header_and_escaped_topic() {
         brokers: vec![kafka.addr()],
         ..KafkaConfig::default()
     };
-    let broker = KafkaBroker::start(cfg, "k1".into(), sink, side).unwrap();
+    let broker = KafkaBroker::start(cfg, "k1".into(), ProbeTiming::default(), sink, side).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !broker.is_ready() {
         assert!(Instant::now() < deadline, "never ready");
@@ -243,6 +243,79 @@ async fn broker_restart_keeps_clients_and_delivery_resumes() {
     assert_eq!(a.get("/readyz").await.0, 200);
 }
 
+/// With a broker that persists (tansu on SQLite), every message acked before a SIGKILL of the
+/// broker is still there after its restart: a live subscriber gets each once, and a `since`
+/// from before the restart replays them all, then the new ones, in order.
+#[tokio::test]
+async fn acked_messages_survive_a_persistent_broker_restart() {
+    if !require_persistent_kafka() {
+        return;
+    }
+    let mut kafka = KafkaServer::start_persistent().await;
+    let cfg = kafka_toml(&kafka, None);
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let room = "public:persist";
+    let mut publisher = a.user("p").await;
+    let mut live = b.user("live").await;
+    live.join(room).await;
+    let mut before = Vec::new();
+    for n in 0..30 {
+        before.push(publisher.publish(room, json!({"n": n})).await);
+    }
+
+    kafka.kill().await;
+    kafka.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut after = Vec::new();
+    let mut n = 30;
+    while Instant::now() < deadline && after.len() < 10 {
+        let reply = publisher
+            .request(json!({"type": "message", "room": room, "data": {"n": n}}))
+            .await;
+        if reply["type"] == "ack" {
+            after.push(reply["data"]["id"].as_str().unwrap().to_string());
+            n += 1;
+        } else {
+            assert_eq!(reply["data"]["code"], "unavailable", "{reply}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(after.len(), 10, "publishing resumed after the restart");
+    let all: Vec<String> = before.iter().chain(&after).cloned().collect();
+
+    let frames = live.collect_for(Duration::from_secs(3)).await;
+    let got: Vec<String> = messages_in(&frames, room)
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        got, all,
+        "the live subscriber: every acked message once, in order"
+    );
+    live.assert_alive().await;
+
+    // A `since` from before the restart: the records stored before it are still there.
+    let mut late = a.user("late").await;
+    let since = &before[4];
+    let r = late.fresh_ref();
+    late.send_json(&json!({"type": "join", "room": room, "since": since, "ref": r}))
+        .await;
+    let rv = json!(r);
+    let mut replayed = Vec::new();
+    for _ in 0..1000 {
+        let v = late.recv_json(WAIT).await.expect("replay and ack");
+        if common::is_reply_to(&v, &rv) {
+            assert_eq!(v["type"], "ack", "join with since {since}: {v}");
+            break;
+        }
+        if v["type"] == "message" {
+            replayed.push(v["id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(replayed, all[5..].to_vec(), "replay after {since}");
+}
+
 #[tokio::test]
 async fn a_frozen_broker_loses_no_acked_message() {
     if !require_kafka() {
@@ -297,8 +370,9 @@ async fn a_frozen_broker_loses_no_acked_message() {
         .collect();
     assert!(
         acked.len() > 100,
-        "publishing went on: {} acked",
-        acked.len()
+        "publishing went on: {} acked\n{}",
+        acked.len(),
+        a.logs()
     );
     for (seq, id) in &acked {
         let copies = got.iter().filter(|(_, g)| g == id).count();
@@ -311,5 +385,66 @@ async fn a_frozen_broker_loses_no_acked_message() {
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
         "out of order: {seqs:?}"
+    );
+}
+
+/// Before: a consumer that stopped reading while Kafka still answered metadata left the
+/// instance delivering nothing with `/readyz` 200. Now the self-probes (written to
+/// `rt.probe.v1`, expected back through the consumer) miss, `/readyz` turns 503, the consumer
+/// is restarted, and it resumes where it stopped: nothing published meanwhile is lost.
+/// (The stuck consumer is injected: debug builds, `RTGATE_FAULT_INJECTION=1`.)
+#[tokio::test]
+async fn a_deaf_consumer_fails_its_probes_and_resumes_with_nothing_lost() {
+    if !require_kafka() {
+        return;
+    }
+    let kafka = KafkaServer::start().await;
+    let cfg = kafka_toml(&kafka, None).replace(
+        "kind = \"kafka\"",
+        "kind = \"kafka\"\nprobe_interval = \"200ms\"\nprobe_timeout = \"1s\"",
+    );
+    let a = Server::start_with_env(&cfg, &[("RTGATE_FAULT_INJECTION", "1")]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.get("/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready: {}", a.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let room = "public:fault-deaf";
+    let mut sub = a.user("s").await;
+    sub.join(room).await;
+    let mut publisher = a.user("p").await;
+    // The first record of the room makes the consumer stop reading.
+    let mut ids = vec![publisher.publish(room, json!({"n": 0})).await];
+    for n in 1..5 {
+        ids.push(publisher.publish(room, json!({"n": n})).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.get("/readyz").await.0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed 200 with a deaf consumer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.get("/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready again: {}", a.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ids.push(publisher.publish(room, json!({"n": 5})).await);
+    let frames = sub.collect_for(Duration::from_secs(2)).await;
+    let got: Vec<String> = messages_in(&frames, room)
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        got, ids,
+        "every message once, in order, across the consumer restart"
+    );
+    assert!(a.metric_sum("rtgate_broker_probes_missed_total", "").await >= 1.0);
+    assert!(
+        a.metric_sum("rtgate_task_restarts_total", "task=\"kafka-consumer\"")
+            .await
+            >= 1.0
     );
 }

