@@ -1,0 +1,141 @@
+//! Connections and topology: one `redis.url`, or the master and replicas found through
+//! Sentinel.
+
+use super::*;
+
+/// Connections to one master.
+pub(super) struct Connected {
+    pub(super) master: MultiplexedConnection,
+    pub(super) sink: PubSubSink,
+    pub(super) stream: redis::aio::PubSubStream,
+    /// `+switch-master` notices from a sentinel, when Sentinel is used.
+    pub(super) switch: Option<redis::aio::PubSubStream>,
+}
+
+pub(super) fn client_config(cfg: &RedisConfig) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(cfg.command_timeout))
+        .set_response_timeout(Some(cfg.command_timeout))
+}
+
+pub(super) async fn connect(shared: &Shared) -> Result<Connected, RedisError> {
+    let cfg = &shared.cfg;
+    let timeout = cfg.command_timeout;
+    let (client, replicas, sentinel_client) = if cfg.sentinels.is_empty() {
+        (Client::open(cfg.url.as_str())?, Vec::new(), None)
+    } else {
+        discover(cfg).await?
+    };
+    let master = client
+        .get_multiplexed_async_connection_with_config(&client_config(cfg))
+        .await?;
+    let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+        .await
+        .map_err(|_| io_timeout("Pub/Sub connect"))??;
+    let (sink, stream) = pubsub.split();
+
+    let acks = match cfg.min_replicas_ack {
+        Some(n) => n,
+        None if !replicas.is_empty() => 1,
+        None => 0,
+    };
+    shared.min_acks.store(acks, Ordering::Relaxed);
+    let mut replica = None;
+    if cfg.read_from_replicas {
+        for r in &replicas {
+            if let Ok(Ok(c)) = tokio::time::timeout(
+                timeout,
+                r.get_multiplexed_async_connection_with_config(&client_config(cfg)),
+            )
+            .await
+            {
+                replica = Some(c);
+                break;
+            }
+        }
+    }
+    let switch = match sentinel_client {
+        Some(s) => match tokio::time::timeout(timeout, s.get_async_pubsub()).await {
+            Ok(Ok(mut ps)) => match ps.subscribe("+switch-master").await {
+                Ok(()) => Some(ps.into_on_message()),
+                Err(_) => None,
+            },
+            _ => None,
+        },
+        None => None,
+    };
+    *shared.master.write() = Some(master.clone());
+    *shared.replica.write() = replica;
+    tracing::info!(
+        master = %client.get_connection_info().addr(),
+        replicas = replicas.len(),
+        min_replicas_ack = acks,
+        "connected to Redis"
+    );
+    Ok(Connected {
+        master,
+        sink,
+        stream,
+        switch,
+    })
+}
+
+pub(super) fn io_timeout(what: &str) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} timed out"),
+    ))
+}
+
+/// Asks the sentinels for the master (and replicas). Returns the master client, the replica
+/// clients and a client for one reachable sentinel (for `+switch-master`).
+pub(super) async fn discover(
+    cfg: &RedisConfig,
+) -> Result<(Client, Vec<Client>, Option<Client>), RedisError> {
+    let auth = if cfg.sentinel_password.is_empty() {
+        String::new()
+    } else {
+        format!(":{}@", urlencode(&cfg.sentinel_password))
+    };
+    let urls: Vec<String> = cfg
+        .sentinels
+        .iter()
+        .map(|s| format!("redis://{auth}{s}"))
+        .collect();
+    let mut sentinel = redis::sentinel::Sentinel::build(urls.clone())?;
+    let mut node = redis::RedisConnectionInfo::default().set_db(cfg.db);
+    if !cfg.password.is_empty() {
+        node = node.set_password(&cfg.password);
+    }
+    let node =
+        redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+    let timeout = cfg.command_timeout * 3;
+    let master = tokio::time::timeout(
+        timeout,
+        sentinel.async_master_for(&cfg.master_name, Some(&node)),
+    )
+    .await
+    .map_err(|_| io_timeout("Sentinel master lookup"))??;
+    let replicas = tokio::time::timeout(
+        timeout,
+        sentinel.async_get_replica_clients(&cfg.master_name, Some(&node)),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or_default();
+    let sentinel_client = urls.first().and_then(|u| Client::open(u.as_str()).ok());
+    Ok((master, replicas, sentinel_client))
+}
+
+pub(super) fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,479 @@
+//! The supervisor: owns the Pub/Sub connection, resubscribes and catches up after every
+//! reconnect, delivers, and runs the self-probe.
+
+use super::*;
+
+/// What the supervisor keeps across reconnects.
+#[derive(Default)]
+pub(super) struct Subscriptions {
+    /// Rooms wanted, with the last id delivered here.
+    pub(super) rooms: HashMap<RoomName, MessageId>,
+    pub(super) users: HashMap<Arc<str>, ()>,
+    /// Rooms taken over from a run that ended by a fault with nothing delivered yet: they
+    /// start from the stream's newest id, not from its beginning.
+    pub(super) start_at_newest: Vec<RoomName>,
+}
+
+impl Subscriptions {
+    /// What the gateway still wants, after a restart.
+    fn from_wanted(wanted: crate::broker::Wanted) -> Self {
+        let mut subs = Subscriptions::default();
+        for (room, last) in wanted.rooms {
+            if last == MessageId::ZERO {
+                subs.start_at_newest.push(room.clone());
+            }
+            subs.rooms.insert(room, last);
+        }
+        subs.users = wanted.users.into_iter().map(|u| (u, ())).collect();
+        subs
+    }
+}
+
+/// One run of the subscriber: (re)connects and serves until the broker is dropped. A panic
+/// ends the run; the next one (see [`supervise::spawn`]) rebuilds the subscriptions from what
+/// the gateway wants and catches every room up from its last delivered id.
+pub(super) async fn supervise(
+    shared: Arc<Shared>,
+    commands: Handoff<mpsc::UnboundedReceiver<Command>>,
+) -> Exit {
+    let Some(mut commands) = commands.take() else {
+        return Exit::Failed;
+    };
+    let mut subs = Subscriptions::from_wanted(shared.sink.wanted());
+    const FIRST_RETRY: Duration = Duration::from_millis(50);
+    // With Sentinel, asking again is cheap and finds a promoted master soon after it is named.
+    let max_retry = if shared.cfg.sentinels.is_empty() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(250)
+    };
+    let mut backoff = FIRST_RETRY;
+    loop {
+        match connect(&shared).await {
+            Ok(conn) => {
+                let started = Instant::now();
+                if let Some(()) = serve(&shared, conn, &mut subs, &mut commands).await {
+                    return Exit::Done;
+                }
+                shared.ready.store(false, Ordering::SeqCst);
+                *shared.master.write() = None;
+                *shared.replica.write() = None;
+                crate::telemetry::metric::broker_reconnect();
+                tracing::warn!(
+                    connected_for_ms = started.elapsed().as_millis() as u64,
+                    "Redis master lost; rediscovering"
+                );
+                // A master that takes connections but cannot serve (a probe never returns, a
+                // demoted node) is retried with backoff like an unreachable one.
+                if started.elapsed() > Duration::from_secs(5) {
+                    backoff = FIRST_RETRY;
+                    continue;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Redis unavailable");
+            }
+        }
+        // Refuse subscriptions asked for meanwhile rather than keep them waiting.
+        let deadline = tokio::time::sleep(backoff);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                cmd = commands.recv() => match cmd {
+                    None => return Exit::Done,
+                    Some(cmd) => refuse_while_down(cmd, &mut subs),
+                },
+            }
+        }
+        let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 4);
+        backoff = (backoff * 2).min(max_retry) + Duration::from_millis(jitter);
+    }
+}
+
+/// While no master is reachable, keep the wanted set current and refuse new subscriptions.
+pub(super) fn refuse_while_down(cmd: Command, subs: &mut Subscriptions) {
+    match cmd {
+        Command::SubscribeRoom(_, done) => {
+            // The gateway undoes the join; the client may retry.
+            let _ = done.send(Err(unavailable("no Redis master reachable")));
+        }
+        Command::UnsubscribeRoom(room) => {
+            subs.rooms.remove(&room);
+        }
+        Command::SubscribeUser(user, done) => {
+            subs.users.insert(user, ());
+            let _ = done.send(Ok(()));
+        }
+        Command::UnsubscribeUser(user) => {
+            subs.users.remove(&user);
+        }
+    }
+}
+
+/// Runs on one master until it fails. `Some(())` when the broker is dropped.
+pub(super) async fn serve(
+    shared: &Shared,
+    conn: Connected,
+    subs: &mut Subscriptions,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> Option<()> {
+    let Connected {
+        mut master,
+        mut sink,
+        mut stream,
+        switch,
+    } = conn;
+    // Resubscribe everything, then deliver what was written while we were away.
+    let probe_channel = names::probe(&shared.instance_id);
+    let rooms: Vec<String> = subs.rooms.keys().map(|r| names::room_channel(r)).collect();
+    let users: Vec<String> = subs.users.keys().map(|u| names::user_channel(u)).collect();
+    for channels in [vec![probe_channel.clone()], rooms, users] {
+        if !channels.is_empty() && sink.subscribe(&channels).await.is_err() {
+            return None;
+        }
+    }
+    for room in std::mem::take(&mut subs.start_at_newest) {
+        let Ok(newest) = newest_id(&mut master, &room).await else {
+            subs.start_at_newest.push(room);
+            return None;
+        };
+        if let Some(last) = subs.rooms.get_mut(&room) {
+            *last = (*last).max(newest);
+        }
+    }
+    let wanted: Vec<RoomName> = subs.rooms.keys().cloned().collect();
+    for room in wanted {
+        if catch_up(shared, &mut master, &room, subs, None)
+            .await
+            .is_err()
+        {
+            return None;
+        }
+    }
+    // Ready once a probe went through the master and came back on this subscription.
+    let mut probe = Probe::default();
+    let mut probe_tick = tokio::time::interval(shared.probe_interval.min(shared.probe_timeout));
+    if probe
+        .send(shared, &mut master, &probe_channel)
+        .await
+        .is_err()
+    {
+        return None;
+    }
+
+    let mut switch = switch;
+    let mut health =
+        tokio::time::interval(shared.cfg.command_timeout.max(Duration::from_millis(500)));
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(msg) if msg.get_channel_name() == probe_channel => {
+                    if probe.received(msg.get_payload_bytes()) {
+                        shared.ready.store(true, Ordering::SeqCst);
+                    }
+                }
+                Some(msg) => {
+                    if let Some(event) = on_message(shared, &msg, subs) {
+                        let room = event.msg.room.clone();
+                        if catch_up(shared, &mut master, &room, subs, Some(event.id)).await.is_err() {
+                            return None;
+                        }
+                        // Delivered by the catch-up unless the stream no longer holds it.
+                        deliver_room(shared, subs, event);
+                    }
+                }
+                None => return None,
+            },
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { return Some(()) };
+                if apply(shared, &mut master, &mut sink, cmd, subs).await.is_err() {
+                    return None;
+                }
+            }
+            notice = next_switch(&mut switch) => {
+                crate::telemetry::metric::broker_failover();
+                tracing::info!(notice = %notice, "Sentinel switched the master");
+                return None;
+            }
+            _ = health.tick() => {
+                let ping: Result<String, _> = redis::cmd("PING").query_async(&mut master).await;
+                if ping.is_err() {
+                    return None;
+                }
+            }
+            _ = probe_tick.tick() => {
+                if probe.overdue(shared.probe_timeout) {
+                    // The subscription is open but deaf (or the master cannot publish): rebuild.
+                    crate::telemetry::metric::probe_missed();
+                    tracing::warn!(
+                        timeout_ms = shared.probe_timeout.as_millis() as u64,
+                        "self-probe not received back through Redis; reconnecting"
+                    );
+                    return None;
+                }
+                if probe.due(shared.probe_interval)
+                    && probe.send(shared, &mut master, &probe_channel).await.is_err()
+                {
+                    return None;
+                }
+            }
+            _ = shared.reconnect.notified() => return None,
+        }
+    }
+}
+
+/// The self-probe: a sequence number published on this instance's probe channel through the
+/// command connection, expected back on the subscription.
+#[derive(Default)]
+pub(super) struct Probe {
+    pub(super) seq: u64,
+    /// When the outstanding probe was sent; `None` once it came back.
+    pub(super) outstanding: Option<Instant>,
+    pub(super) last_sent: Option<Instant>,
+}
+
+impl Probe {
+    async fn send(
+        &mut self,
+        shared: &Shared,
+        master: &mut MultiplexedConnection,
+        channel: &str,
+    ) -> Result<(), RedisError> {
+        self.seq += 1;
+        let now = Instant::now();
+        // Keep the older send time if one is still outstanding: that is the one overdue.
+        self.outstanding.get_or_insert(now);
+        self.last_sent = Some(now);
+        let sent: Result<i64, RedisError> = tokio::time::timeout(
+            shared.probe_timeout,
+            redis::cmd("EVAL")
+                .arg(PROBE_SCRIPT)
+                .arg(2)
+                .arg(names::probe_key(&shared.instance_id))
+                .arg(channel)
+                .arg(self.seq)
+                .arg(shared.probe_timeout.as_millis() as u64 * 10)
+                .query_async(master),
+        )
+        .await
+        .unwrap_or_else(|_| Err(io_timeout("self-probe publish")));
+        if let Err(e) = &sent {
+            crate::telemetry::metric::probe_missed();
+            tracing::warn!(error = %e, "self-probe could not be published; reconnecting");
+        }
+        sent.map(|_| ())
+    }
+
+    /// A probe came back; true if it is the newest one sent.
+    fn received(&mut self, payload: &[u8]) -> bool {
+        let newest = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.parse::<u64>().ok())
+            == Some(self.seq);
+        if newest {
+            self.outstanding = None;
+        }
+        newest
+    }
+
+    fn overdue(&self, timeout: Duration) -> bool {
+        self.outstanding.is_some_and(|t| t.elapsed() > timeout)
+    }
+
+    fn due(&self, interval: Duration) -> bool {
+        self.last_sent.is_none_or(|t| t.elapsed() >= interval)
+    }
+}
+
+pub(super) async fn next_switch(switch: &mut Option<redis::aio::PubSubStream>) -> String {
+    match switch {
+        Some(s) => match s.next().await {
+            Some(msg) => msg.get_payload::<String>().unwrap_or_default(),
+            None => {
+                *switch = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+pub(super) async fn apply(
+    shared: &Shared,
+    master: &mut MultiplexedConnection,
+    sink: &mut PubSubSink,
+    cmd: Command,
+    subs: &mut Subscriptions,
+) -> Result<(), RedisError> {
+    match cmd {
+        Command::SubscribeRoom(room, done) => {
+            if subs.rooms.contains_key(&room) {
+                let _ = done.send(Ok(()));
+                return Ok(());
+            }
+            // Start from the stream's newest id, subscribe, then replay what came in between:
+            // nothing published after the subscription started is missed.
+            let newest = newest_id(master, &room).await;
+            let newest = match newest {
+                Ok(id) => id,
+                Err(e) => {
+                    let _ = done.send(Err(unavailable(&e)));
+                    return Err(e);
+                }
+            };
+            subs.rooms.insert(room.clone(), newest);
+            if let Err(e) = sink.subscribe(names::room_channel(&room)).await {
+                let _ = done.send(Err(unavailable(&e)));
+                return Err(e);
+            }
+            let caught_up = catch_up(shared, master, &room, subs, None).await;
+            let _ = done.send(caught_up.as_ref().map(|_| ()).map_err(unavailable));
+            caught_up
+        }
+        Command::UnsubscribeRoom(room) => {
+            subs.rooms.remove(&room);
+            sink.unsubscribe(names::room_channel(&room)).await
+        }
+        Command::SubscribeUser(user, done) => {
+            let result = sink.subscribe(names::user_channel(&user)).await;
+            subs.users.insert(user, ());
+            let _ = done.send(result.as_ref().map(|_| ()).map_err(unavailable));
+            result
+        }
+        Command::UnsubscribeUser(user) => {
+            subs.users.remove(&user);
+            sink.unsubscribe(names::user_channel(&user)).await
+        }
+    }
+}
+
+pub(super) async fn newest_id(
+    master: &mut MultiplexedConnection,
+    room: &RoomName,
+) -> Result<MessageId, RedisError> {
+    let entries: Vec<Value> = redis::cmd("XREVRANGE")
+        .arg(names::stream(room))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(master)
+        .await?;
+    Ok(entries
+        .first()
+        .and_then(|e| match e {
+            Value::Array(parts) => parts.first(),
+            _ => None,
+        })
+        .and_then(|id| redis::from_redis_value_ref::<String>(id).ok())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(MessageId::ZERO))
+}
+
+/// Delivers what the room's stream holds after the last id delivered here (up to `through`,
+/// when given: entries after it may still wait for their replicas).
+pub(super) async fn catch_up(
+    shared: &Shared,
+    master: &mut MultiplexedConnection,
+    room: &RoomName,
+    subs: &mut Subscriptions,
+    through: Option<MessageId>,
+) -> Result<(), RedisError> {
+    const PAGE: usize = 500;
+    if let Some(&last) = subs.rooms.get(room) {
+        // Entries after `last` trimmed before this instance read them: not silently skipped.
+        let trimmed: Option<String> = redis::cmd("GET")
+            .arg(names::trimmed(room))
+            .query_async(master)
+            .await?;
+        if let Some(trimmed) = trimmed.and_then(|t| t.parse::<MessageId>().ok())
+            && trimmed > last
+            && last != MessageId::ZERO
+        {
+            tracing::warn!(room = %room, since = %last, trimmed = %trimmed, "catch-up lost trimmed messages");
+            crate::telemetry::metric::catch_up_lost();
+            shared.sink.lost(room, last);
+        }
+    }
+    for _ in 0..1000 {
+        let Some(&last) = subs.rooms.get(room) else {
+            return Ok(());
+        };
+        if through.is_some_and(|t| t <= last) {
+            return Ok(());
+        }
+        let entries: Vec<Value> = redis::cmd("XRANGE")
+            .arg(names::stream(room))
+            .arg(format!("({last}"))
+            .arg(through.map_or_else(|| "+".to_string(), |t| t.to_string()))
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(master)
+            .await?;
+        let events = parse_entries(room, &entries);
+        let full = entries.len() == PAGE;
+        if !events.is_empty() && !confirm_read(shared, master).await? {
+            // Try again on a fresh connection (maybe to another master), later.
+            return Err(io_timeout("replica confirmation of the catch-up"));
+        }
+        for event in events {
+            deliver_room(shared, subs, Arc::new(event));
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Delivers a room event unless it was delivered already (ids only grow per room).
+pub(super) fn deliver_room(shared: &Shared, subs: &mut Subscriptions, event: Arc<RoomEvent>) {
+    let Some(last) = subs.rooms.get_mut(&event.msg.room) else {
+        return;
+    };
+    if event.id <= *last {
+        return;
+    }
+    *last = event.id;
+    shared.sink.room_event(event);
+}
+
+/// Delivers one Pub/Sub message. Returns it undelivered when it shows that an earlier one never
+/// arrived live (its `prev` is newer than the last delivered): catch up through it first.
+pub(super) fn on_message(
+    shared: &Shared,
+    msg: &redis::Msg,
+    subs: &mut Subscriptions,
+) -> Option<Arc<RoomEvent>> {
+    let channel = msg.get_channel_name();
+    let payload = msg.get_payload_bytes();
+    if let Some(room) = channel.strip_prefix(names::ROOM_PREFIX) {
+        let (room, &last) = subs
+            .rooms
+            .get_key_value(room)
+            .map(|(r, l)| (r.clone(), l))?;
+        // Presence diffs are written by the scripts above and start with their type.
+        if payload.starts_with(br#"{"type":"presence_diff""#) {
+            match wire::decode_presence_diff(payload, &room) {
+                Ok(diff) => shared.sink.presence(Arc::new(diff)),
+                Err(e) => wire::skip_bad_payload("redis", "presence diff", &e),
+            }
+            return None;
+        }
+        crate::supervise::fault_point(&room);
+        match wire::decode_live_message(payload, Some(&room), None) {
+            Ok((event, Some(prev))) if prev > last && event.id > last => {
+                return Some(Arc::new(event));
+            }
+            Ok((event, _)) => deliver_room(shared, subs, Arc::new(event)),
+            Err(e) => wire::skip_bad_payload("redis", "room message", &e),
+        }
+    } else if channel.starts_with(names::USER_PREFIX) {
+        match wire::decode_direct(payload) {
+            Ok(msg) => shared.sink.direct(Arc::new(msg)),
+            Err(e) => wire::skip_bad_payload("redis", "direct message", &e),
+        }
+    }
+    None
+}
