@@ -7,15 +7,18 @@ WORKDIR /src
 # Dependency layer: build every crate of Cargo.lock against stub sources, so source-only
 # changes rebuild just rtgate (librdkafka alone takes minutes).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+# The workspace's other member (the load tool) is not part of the image: a stub is enough.
+COPY bench/Cargo.toml bench/
+RUN mkdir -p src bench/src \
  && echo 'fn main() {}' > src/main.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
  && echo 'pub const VERSION: &str = env!("CARGO_PKG_VERSION");' > src/lib.rs \
- && cargo build --release --locked \
+ && cargo build --release --locked -p rtgate \
  && rm -rf src target/release/rtgate target/release/deps/rtgate-* target/release/deps/librtgate-* \
            target/release/.fingerprint/rtgate-*
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked \
+ && cargo build --release --locked -p rtgate \
  && install -D -m 0755 target/release/rtgate /out/rtgate \
  && ./target/release/rtgate --version
 

@@ -5,7 +5,6 @@
 //! which backend runs.
 
 pub mod auth;
-pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod gateway;

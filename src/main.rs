@@ -50,8 +50,6 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Load tool: drives gateways over the v1 protocol.
-    Bench(rtgate::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -63,9 +61,6 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
-    if let Command::Bench(args) = command {
-        return run_async(rtgate::bench::run(args));
-    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -119,7 +114,6 @@ fn main() -> ExitCode {
             }
             run_async(serve(config))
         }
-        Command::Bench(_) => unreachable!("handled above"),
     }
 }
 

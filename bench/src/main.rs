@@ -1,4 +1,4 @@
-//! `rtgate bench`: a load tool for the gateway's WebSocket API (wire contract: PROTOCOL.md).
+//! `rtgate-bench`: a load tool for the gateway's WebSocket API (wire contract: PROTOCOL.md).
 //!
 //! Scenarios, each printing one pretty JSON object to stdout (progress notes go to stderr):
 //! - `latency`: one publisher (first `--url`) and one subscriber (last `--url`), a fixed publish
@@ -2214,5 +2214,36 @@ mod tests {
         assert_eq!(split_host_port("example.com"), Some(("example.com", 80)));
         assert_eq!(split_host_port(":80"), None);
         assert_eq!(ramp(100.0, 1.5, 300.0), vec![100.0, 150.0, 225.0, 300.0]);
+    }
+}
+
+/// `rtgate-bench <scenario> [options]`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "rtgate-bench",
+    version,
+    about = "Load tool for rtgate: drives gateways over the v1 protocol"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    use clap::Parser;
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rtgate-bench: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rtgate-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
