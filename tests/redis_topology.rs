@@ -5,7 +5,7 @@ mod common;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use common::redis::{RedisServer, SentinelTopology, redis_cmd, require_redis};
+use common::redis::{ClusterTopology, RedisServer, SentinelTopology, redis_cmd, require_redis};
 
 /// Compile-time check that the harness futures can run inside `tokio::spawn`.
 fn send<F: Future + Send>(f: F) -> F {
@@ -93,4 +93,32 @@ async fn sigkill_of_master_fails_over_within_10s() {
 
     // The killed master's port is free again.
     std::net::TcpListener::bind(("127.0.0.1", old)).expect("old master port reusable");
+}
+
+#[tokio::test]
+async fn cluster_comes_up_with_three_masters_and_fails_over_a_killed_one() {
+    if !require_redis() {
+        return;
+    }
+    let started = Instant::now();
+    let mut topo = send(ClusterTopology::start()).await;
+    eprintln!("cluster of 6 healthy after {:?}", started.elapsed());
+    assert_eq!(topo.masters().await.len(), 3);
+    // The room's keys share one slot through the hash tag.
+    let slot = topo.keyslot("rt:stream:{public:lobby}").await;
+    assert_eq!(slot, topo.keyslot("rt:room:{public:lobby}").await);
+    let old = topo.master_of(slot).await;
+    let _: () = redis_cmd(old, &["SET", "{public:lobby}x", "1"])
+        .await
+        .expect("SET on the slot's master");
+
+    topo.kill_node(old);
+    let (new, took) = send(topo.wait_for_failover(slot, old, Duration::from_secs(15))).await;
+    eprintln!("cluster failover of slot {slot}: {old} -> {new} in {took:?}");
+    assert_ne!(new, old);
+    let v: String = redis_cmd(new, &["GET", "{public:lobby}x"])
+        .await
+        .expect("GET");
+    assert_eq!(v, "1", "the replica had the write");
+    topo.restart_node(old).await;
 }

@@ -65,6 +65,26 @@ fn free_port() -> u16 {
     l.local_addr().expect("local_addr").port()
 }
 
+/// A free port for a cluster node: below 55535, with its bus port (+ 10000) free too.
+fn free_cluster_port() -> u16 {
+    for _ in 0..1000 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local_addr").port();
+        if port < 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+    // The ephemeral range is above 55535 on some systems: pick from below it.
+    for port in (20000..55535).step_by(7) {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port pair for a cluster node");
+}
+
 /// Bounded polling: `while poll.next().await { ... }` runs the body at once, then every
 /// 100 ms, until `limit` has passed (and at most limit / 100 ms + 1 times).
 struct Poll {
@@ -117,9 +137,20 @@ impl Node {
         bin: &'static str,
         conf: impl Fn(u16) -> String,
     ) -> Node {
+        Self::start_on(dir, name, bin, conf, free_port).await
+    }
+
+    /// [`Node::start`] with the port picked by `pick`.
+    async fn start_on(
+        dir: &Path,
+        name: &str,
+        bin: &'static str,
+        conf: impl Fn(u16) -> String,
+        pick: fn() -> u16,
+    ) -> Node {
         let mut last_err = String::new();
         for _attempt in 0..2 {
-            let port = free_port();
+            let port = pick();
             let mut node = Node {
                 name: name.to_string(),
                 port,
@@ -477,5 +508,194 @@ impl SentinelTopology {
     pub fn pids(&self) -> Vec<u32> {
         let all = self.nodes.iter().chain(&self.sentinels);
         all.filter(|n| n.alive()).map(|n| n.pid).collect()
+    }
+}
+
+/// A Redis Cluster on loopback: 6 nodes (`cluster-node-timeout` 1 s) joined by
+/// `redis-cli --cluster create --cluster-replicas 1`, so 3 masters with one replica each.
+pub struct ClusterTopology {
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir, // declared last: dropped after every process
+}
+
+impl ClusterTopology {
+    /// Starts the nodes, creates the cluster and returns once every node reports
+    /// `cluster_state:ok` with all slots assigned and 6 known nodes (20 s at most).
+    pub async fn start() -> ClusterTopology {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        let mut topo = ClusterTopology {
+            nodes: Vec::new(),
+            _dir: dir,
+        };
+        for i in 1..=6 {
+            let name = format!("node{i}");
+            let conf = |p| {
+                server_conf(&path, &name, p, None)
+                    + &format!(
+                        "cluster-enabled yes\ncluster-config-file {name}-cluster.conf\n\
+                         cluster-node-timeout 1000\ncluster-announce-ip 127.0.0.1\n"
+                    )
+            };
+            let node = Node::start_on(&path, &name, "redis-server", conf, free_cluster_port).await;
+            topo.nodes.push(node);
+        }
+        let addrs = topo.seed_addrs();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        if !out.status.success() {
+            topo.fail(&format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let (mut poll, mut ok) = (Poll::new(Duration::from_secs(20)), false);
+        while !ok && poll.next().await {
+            ok = topo.healthy().await;
+        }
+        if !ok {
+            topo.fail("the cluster did not reach cluster_state:ok on every node within 20 s");
+        }
+        topo
+    }
+
+    /// Every live node: state ok, all slots assigned, 6 nodes known.
+    pub async fn healthy(&self) -> bool {
+        for n in self.nodes.iter().filter(|n| n.alive()) {
+            let info: String = redis_cmd(n.port, &["CLUSTER", "INFO"])
+                .await
+                .unwrap_or_default();
+            if info_field(&info, "cluster_state") != Some("ok")
+                || info_field(&info, "cluster_slots_assigned") != Some("16384")
+                || info_field(&info, "cluster_known_nodes") != Some("6")
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// "127.0.0.1:PORT" of every node, in start order.
+    pub fn seed_addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The hash slot of `key` (asked of a live node).
+    pub async fn keyslot(&self, key: &str) -> u16 {
+        let port = self.live_port();
+        let slot: i64 = redis_cmd(port, &["CLUSTER", "KEYSLOT", key])
+            .await
+            .expect("CLUSTER KEYSLOT");
+        slot as u16
+    }
+
+    /// The port of the master serving `slot`, as a live node sees it (5 s max).
+    pub async fn master_of(&self, slot: u16) -> u16 {
+        let mut poll = Poll::new(Duration::from_secs(5));
+        while poll.next().await {
+            if let Some(p) = self.slot_master(self.live_port(), slot).await {
+                return p;
+            }
+        }
+        self.fail(&format!(
+            "no node named a master for slot {slot} within 5 s"
+        ))
+    }
+
+    async fn slot_master(&self, port: u16, slot: u16) -> Option<u16> {
+        let slots: Vec<Vec<redis::Value>> = redis_cmd(port, &["CLUSTER", "SLOTS"]).await.ok()?;
+        for range in slots {
+            let (Some(lo), Some(hi), Some(master)) = (range.first(), range.get(1), range.get(2))
+            else {
+                continue;
+            };
+            let lo: i64 = redis::from_redis_value_ref(lo).ok()?;
+            let hi: i64 = redis::from_redis_value_ref(hi).ok()?;
+            if (lo..=hi).contains(&i64::from(slot)) {
+                let addr: Vec<redis::Value> = redis::from_redis_value_ref(master).ok()?;
+                let p: i64 = redis::from_redis_value_ref(addr.get(1)?).ok()?;
+                return u16::try_from(p).ok();
+            }
+        }
+        None
+    }
+
+    fn live_port(&self) -> u16 {
+        let n = self.nodes.iter().find(|n| n.alive());
+        n.expect("a live cluster node").port
+    }
+
+    /// Ports of the live nodes that are masters now.
+    pub async fn masters(&self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for n in self.nodes.iter().filter(|n| n.alive()) {
+            if info_field(&info(n.port, "replication").await, "role") == Some("master") {
+                out.push(n.port);
+            }
+        }
+        out
+    }
+
+    fn node_index(&self, port: u16) -> usize {
+        let i = self.nodes.iter().position(|n| n.port == port);
+        i.unwrap_or_else(|| panic!("no cluster node on port {port}"))
+    }
+
+    /// SIGKILL (and reap) the node on `port`.
+    pub fn kill_node(&mut self, port: u16) {
+        let i = self.node_index(port);
+        self.nodes[i].kill();
+    }
+
+    /// Starts a killed node again (same port and cluster config file); it rejoins as a replica.
+    pub async fn restart_node(&mut self, port: u16) {
+        let i = self.node_index(port);
+        let node = &mut self.nodes[i];
+        node.kill();
+        if let Err(e) = node.launch().await {
+            panic!("restart of cluster node {port} failed: {e}");
+        }
+    }
+
+    /// Waits until every live node names a master other than `old` for `slot` and the cluster
+    /// is ok again; returns the new master's port and the time waited.
+    pub async fn wait_for_failover(&self, slot: u16, old: u16, limit: Duration) -> (u16, Duration) {
+        let mut poll = Poll::new(limit);
+        'poll: while poll.next().await {
+            let mut named = None;
+            for n in self.nodes.iter().filter(|n| n.alive()) {
+                let info: String = redis_cmd(n.port, &["CLUSTER", "INFO"])
+                    .await
+                    .unwrap_or_default();
+                if info_field(&info, "cluster_state") != Some("ok") {
+                    continue 'poll;
+                }
+                match self.slot_master(n.port, slot).await {
+                    Some(p) if p != old && named.is_none_or(|m| m == p) => named = Some(p),
+                    _ => continue 'poll,
+                }
+            }
+            if let Some(p) = named {
+                return (p, poll.elapsed());
+            }
+        }
+        self.fail(&format!(
+            "no failover of slot {slot} away from {old} within {limit:?}"
+        ))
+    }
+
+    /// Panics with `msg` and the tail of every log.
+    fn fail(&self, msg: &str) -> ! {
+        let logs: Vec<String> = self.nodes.iter().map(|n| n.log_tail(15)).collect();
+        panic!("{msg}\n{}", logs.join("\n"));
     }
 }
