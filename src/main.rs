@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use rtgate::auth::Authenticator;
 use rtgate::broker::idempotency::{IdempotencyStore, LocalIdempotency};
-use rtgate::broker::{Broker, KafkaBroker, MemoryBroker, ProbeTiming, RedisBroker};
+use rtgate::broker::{Broker, KafkaBroker, MemoryBroker, ProbeTiming, RedisBroker, Registry};
 use rtgate::config::{BrokerKind, Config};
 use rtgate::gateway::{Gateway, Hub};
 
@@ -175,32 +175,42 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         config.server.instance_id.as_str().into(),
         config.broker.kind.as_str(),
     ));
-    let broker: Arc<dyn Broker> = match config.broker.kind {
-        BrokerKind::Memory => Arc::new(
-            MemoryBroker::new(hub.clone(), config.broker.history_size).with_idempotency(
-                config.broker.idempotency_window,
-                config.broker.idempotency_max_keys,
-            ),
-        ),
-        BrokerKind::Redis => Arc::new(RedisBroker::start(
-            config.redis.clone(),
-            &config.broker,
-            config.heartbeat.ttl,
-            hub.instance_id().clone(),
-            hub.clone(),
-        )),
+    // The message broker, and the registry of presence and instances beside it.
+    let (broker, registry): (Arc<dyn Broker>, Arc<dyn Registry>) = match config.broker.kind {
+        BrokerKind::Memory => {
+            let memory = Arc::new(
+                MemoryBroker::new(hub.clone(), config.broker.history_size).with_idempotency(
+                    config.broker.idempotency_window,
+                    config.broker.idempotency_max_keys,
+                ),
+            );
+            (memory.clone(), memory)
+        }
+        BrokerKind::Redis => {
+            let redis = Arc::new(RedisBroker::start(
+                config.redis.clone(),
+                &config.broker,
+                config.heartbeat.ttl,
+                hub.instance_id().clone(),
+                hub.clone(),
+            ));
+            (redis.clone(), redis)
+        }
         BrokerKind::Kafka => {
             // Presence, heartbeats and idempotency keys: Redis when configured, else this
             // process only.
-            let (side, idempotency): (Arc<dyn Broker>, Arc<dyn IdempotencyStore>) =
+            let (registry, idempotency): (Arc<dyn Registry>, Arc<dyn IdempotencyStore>) =
                 if config.redis.is_configured() {
-                    let redis = Arc::new(RedisBroker::start(
-                        config.redis.clone(),
-                        &config.broker,
-                        config.heartbeat.ttl,
-                        hub.instance_id().clone(),
-                        hub.clone(),
-                    ));
+                    let redis = Arc::new(
+                        RedisBroker::start(
+                            config.redis.clone(),
+                            &config.broker,
+                            config.heartbeat.ttl,
+                            hub.instance_id().clone(),
+                            hub.clone(),
+                        )
+                        .presence_only(),
+                    );
                     (redis.clone(), redis)
                 } else {
                     (
@@ -208,20 +218,18 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
                         Arc::new(LocalIdempotency::new(config.broker.idempotency_max_keys)),
                     )
                 };
-            Arc::new(
-                KafkaBroker::start(
-                    config.kafka.clone(),
-                    hub.instance_id().clone(),
-                    ProbeTiming {
-                        interval: config.broker.probe_interval,
-                        timeout: config.broker.probe_timeout,
-                    },
-                    hub.clone(),
-                    side,
-                )
-                .context("cannot create the Kafka clients")?
-                .with_idempotency(idempotency, config.broker.idempotency_window),
+            let kafka = KafkaBroker::start(
+                config.kafka.clone(),
+                hub.instance_id().clone(),
+                ProbeTiming {
+                    interval: config.broker.probe_interval,
+                    timeout: config.broker.probe_timeout,
+                },
+                hub.clone(),
             )
+            .context("cannot create the Kafka clients")?
+            .with_idempotency(idempotency, config.broker.idempotency_window);
+            (Arc::new(kafka), registry)
         }
     };
     let auth = Authenticator::from_config(&config.auth)?;
@@ -232,6 +240,7 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         config.clone(),
         auth,
         broker,
+        registry,
         hub,
         local.to_string(),
     ));
@@ -239,10 +248,10 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     // Announce this instance before anyone can ask /api/v1/stats. An unreachable broker does
     // not stop the start: /readyz answers 503 until it is reachable.
     let connecting = std::time::Instant::now();
-    while !gw.broker.is_ready() && connecting.elapsed() < Duration::from_secs(3) {
+    while !gw.is_ready() && connecting.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if let Err(e) = gw.broker.heartbeat(&gw.instance_info()).await {
+    if let Err(e) = gw.registry.heartbeat(&gw.instance_info()).await {
         tracing::warn!(error = %e, "first heartbeat failed; retrying in the background");
     }
     // Tools and tests read these lines to find the ports.

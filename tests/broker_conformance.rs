@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rtgate::broker::{
     Broker, Deliver, DirectMessage, InstanceInfo, MessageId, MessageKind, Origin, PresenceDiff,
-    PresenceEntry, RoomEvent, RoomMessage, RoomName,
+    PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName,
 };
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
@@ -68,6 +68,8 @@ impl Recording {
 
 struct Instance {
     broker: Arc<dyn Broker>,
+    /// Presence and instances (the same object as `broker` but for Kafka).
+    registry: Arc<dyn Registry>,
     sink: Arc<Recording>,
 }
 
@@ -324,14 +326,17 @@ async fn direct_reaches_the_users_instance_only(a: &Instance, b: &Instance) {
 
 async fn presence_is_shared_and_diffed(a: &Instance, b: &Instance) {
     let room = unique_room("presence");
-    a.broker.subscribe(&room).await.unwrap();
-    b.broker.subscribe(&room).await.unwrap();
+    // As the gateway does for a room's first member: its messages and its presence diffs.
+    for inst in [a, b] {
+        inst.broker.subscribe(&room).await.unwrap();
+        inst.registry.watch(&room).await.unwrap();
+    }
     let entry = PresenceEntry {
         user_id: "alice".into(),
         conn_id: "a:1".into(),
         meta: Arc::from(raw(r#"{"status":"online","session_id":"a:1"}"#)),
     };
-    let tracked = a.broker.track(&room, entry, 1000).await.unwrap();
+    let tracked = a.registry.track(&room, entry, 1000).await.unwrap();
     assert_eq!(tracked, rtgate::broker::Tracked::Stored);
     for inst in [a, b] {
         inst.sink
@@ -344,10 +349,10 @@ async fn presence_is_shared_and_diffed(a: &Instance, b: &Instance) {
             })
             .await;
     }
-    let state = b.broker.presence(&room).await.unwrap();
+    let state = b.registry.presence(&room).await.unwrap();
     assert_eq!(state.len(), 1);
     assert_eq!(&*state[0].conn_id, "a:1");
-    a.broker.untrack(&room, &"a:1".into()).await.unwrap();
+    a.registry.untrack(&room, &"a:1".into()).await.unwrap();
     b.sink
         .wait("leave diff", |s| {
             s.presence
@@ -357,7 +362,7 @@ async fn presence_is_shared_and_diffed(a: &Instance, b: &Instance) {
                 .any(|d| d.room == room && d.leaves.iter().any(|j| &*j.conn_id == "a:1"))
         })
         .await;
-    assert!(b.broker.presence(&room).await.unwrap().is_empty());
+    assert!(b.registry.presence(&room).await.unwrap().is_empty());
 }
 
 async fn heartbeats_list_instances(a: &Instance) {
@@ -368,10 +373,10 @@ async fn heartbeats_list_instances(a: &Instance) {
         connections: 3,
         version: "test".into(),
     };
-    a.broker.heartbeat(&me).await.unwrap();
-    let list = a.broker.instances().await.unwrap();
+    a.registry.heartbeat(&me).await.unwrap();
+    let list = a.registry.instances().await.unwrap();
     assert!(list.iter().any(|i| i.id == "conf-a" && i.connections == 3));
-    assert!(a.broker.is_ready());
+    assert!(a.broker.is_ready() && a.registry.is_ready());
 }
 
 // ---- backends --------------------------------------------------------------------------------
@@ -388,14 +393,16 @@ mod memory {
         let sink_a = Arc::new(Recording::default());
         let sink_b = Arc::new(Recording::default());
         let fan = Arc::new(FanOut(vec![sink_a.clone(), sink_b.clone()]));
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(fan, HISTORY));
+        let memory = Arc::new(MemoryBroker::new(fan, HISTORY));
         (
             Instance {
-                broker: broker.clone(),
+                broker: memory.clone(),
+                registry: memory.clone(),
                 sink: sink_a,
             },
             Instance {
-                broker,
+                broker: memory.clone(),
+                registry: memory,
                 sink: sink_b,
             },
         )
@@ -501,14 +508,18 @@ mod redis {
                 stream_maxlen: HISTORY,
                 ..RedisConfig::default()
             };
-            let broker: Arc<dyn Broker> = Arc::new(RedisBroker::start(
+            let redis = Arc::new(RedisBroker::start(
                 cfg,
                 &rtgate::config::BrokerConfig::default(),
                 Duration::from_secs(15),
                 id.into(),
                 sink.clone(),
             ));
-            Instance { broker, sink }
+            Instance {
+                broker: redis.clone(),
+                registry: redis,
+                sink,
+            }
         };
         let (a, b) = (make("conf-a"), make("conf-b"));
         for inst in [&a, &b] {
@@ -584,16 +595,19 @@ mod kafka {
     async fn pair(kafka: &KafkaServer, redis: &RedisServer) -> (Instance, Instance) {
         let make = |id: &str| {
             let sink = Arc::new(Recording::default());
-            let side = Arc::new(RedisBroker::start(
-                RedisConfig {
-                    url: redis.url(),
-                    ..RedisConfig::default()
-                },
-                &rtgate::config::BrokerConfig::default(),
-                Duration::from_secs(15),
-                id.into(),
-                sink.clone(),
-            ));
+            let side = Arc::new(
+                RedisBroker::start(
+                    RedisConfig {
+                        url: redis.url(),
+                        ..RedisConfig::default()
+                    },
+                    &rtgate::config::BrokerConfig::default(),
+                    Duration::from_secs(15),
+                    id.into(),
+                    sink.clone(),
+                )
+                .presence_only(),
+            );
             let cfg = KafkaConfig {
                 brokers: vec![kafka.addr()],
                 // The test broker mis-reports the high watermark for multi-record batches.
@@ -601,22 +615,20 @@ mod kafka {
                 ..KafkaConfig::default()
             };
             let broker: Arc<dyn Broker> = Arc::new(
-                KafkaBroker::start(
-                    cfg,
-                    id.into(),
-                    ProbeTiming::default(),
-                    sink.clone(),
-                    side.clone(),
-                )
-                .unwrap()
-                .with_idempotency(side, Duration::from_secs(300)),
+                KafkaBroker::start(cfg, id.into(), ProbeTiming::default(), sink.clone())
+                    .unwrap()
+                    .with_idempotency(side.clone(), Duration::from_secs(300)),
             );
-            Instance { broker, sink }
+            Instance {
+                broker,
+                registry: side,
+                sink,
+            }
         };
         let (a, b) = (make("kconf-a"), make("kconf-b"));
         for inst in [&a, &b] {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !inst.broker.is_ready() {
+            while !(inst.broker.is_ready() && inst.registry.is_ready()) {
                 assert!(std::time::Instant::now() < deadline, "broker never ready");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

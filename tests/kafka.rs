@@ -14,8 +14,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use rtgate::broker::{
-    Broker, Deliver, DirectMessage, KafkaBroker, MemoryBroker, MessageKind, PresenceDiff,
-    ProbeTiming, RoomEvent, RoomMessage,
+    Broker, Deliver, DirectMessage, KafkaBroker, MessageKind, PresenceDiff, ProbeTiming, RoomEvent,
+    RoomMessage,
 };
 use rtgate::config::KafkaConfig;
 use serde_json::{Value, json};
@@ -57,12 +57,11 @@ async fn a_plain_kafka_consumer_finds_the_envelope_header_and_escaped_topic() {
     }
     let kafka = KafkaServer::start().await;
     let sink: Arc<dyn Deliver> = Arc::new(Discard);
-    let side: Arc<dyn Broker> = Arc::new(MemoryBroker::new(sink.clone(), 1));
     let cfg = KafkaConfig {
         brokers: vec![kafka.addr()],
         ..KafkaConfig::default()
     };
-    let broker = KafkaBroker::start(cfg, "k1".into(), ProbeTiming::default(), sink, side).unwrap();
+    let broker = KafkaBroker::start(cfg, "k1".into(), ProbeTiming::default(), sink).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !broker.is_ready() {
         assert!(Instant::now() < deadline, "never ready");

@@ -5,8 +5,9 @@
 //! The producer is idempotent with `acks=all`: a publish is acked once Kafka has it. One
 //! consumer per instance reads only the topics of rooms with local members, by assigning their
 //! partitions itself (no consumer group, no rebalances): from the end when a room gets its
-//! first member, from the last delivered offset after that. Presence and heartbeats go to
-//! Redis when `[redis]` is configured, else they stay in this process.
+//! first member, from the last delivered offset after that. Presence and heartbeats are not
+//! here: the gateway pairs this broker with a [`super::Registry`] (Redis when `[redis]` is
+//! configured, else this process).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,8 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::idempotency::{self, Claim, IdempotencyStore, LocalIdempotency};
 use super::wire;
 use super::{
-    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
-    RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
+    Broker, BrokerError, Deliver, DirectMessage, History, MessageId, RoomEvent, RoomMessage,
+    RoomName, Subscribed,
 };
 use crate::config::KafkaConfig;
 use crate::supervise::{self, Exit, Handoff};
@@ -142,8 +143,6 @@ impl Drop for KafkaBroker {
 pub struct KafkaBroker {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
-    /// Presence, heartbeats, and the room subscriptions that carry presence diffs.
-    side: Arc<dyn Broker>,
     /// Serializes `since` replays on one reader.
     history: tokio::sync::Mutex<Option<BaseConsumer<QuietContext>>>,
     /// Where `idempotency_key`s are remembered: Redis when configured, else this process.
@@ -167,13 +166,13 @@ fn with_properties(mut c: ClientConfig, cfg: &KafkaConfig) -> ClientConfig {
 }
 
 impl KafkaBroker {
-    /// Creates the clients and starts the consumer. `side` holds presence and heartbeats.
+    /// Creates the clients and starts the consumer. Presence and heartbeats are another port's
+    /// ([`super::Registry`]).
     pub fn start(
         cfg: KafkaConfig,
         instance_id: Arc<str>,
         probe: ProbeTiming,
         sink: Arc<dyn Deliver>,
-        side: Arc<dyn Broker>,
     ) -> Result<Self, KafkaError> {
         let producer = create_producer(&cfg)?;
         let admin: AdminClient<QuietContext> =
@@ -235,7 +234,6 @@ impl KafkaBroker {
         Ok(Self {
             shared,
             commands: tx,
-            side,
             history: tokio::sync::Mutex::new(None),
             idempotency: Arc::new(LocalIdempotency::new(100_000)),
             idempotency_window: Duration::from_secs(300),
@@ -382,7 +380,7 @@ impl Broker for KafkaBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.shared.ready.load(Ordering::SeqCst) && self.side.is_ready()
+        self.shared.ready.load(Ordering::SeqCst)
     }
 
     async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
@@ -420,7 +418,6 @@ impl Broker for KafkaBroker {
             .commands
             .send(Command::Subscribe(room.clone(), tx))
             .is_ok();
-        let presence = self.side.subscribe(room);
         let limit = self.shared.cfg.publish_timeout;
         async move {
             if !sent {
@@ -431,14 +428,13 @@ impl Broker for KafkaBroker {
                 Ok(Err(_)) => return Err(unavailable("Kafka consumer stopped")),
                 Err(_) => return Err(unavailable("Kafka subscription timed out")),
             }
-            presence.await
+            Ok(())
         }
         .boxed()
     }
 
     fn unsubscribe(&self, room: &RoomName) {
         let _ = self.commands.send(Command::Unsubscribe(room.clone()));
-        self.side.unsubscribe(room);
     }
 
     async fn history_after(
@@ -510,31 +506,6 @@ impl Broker for KafkaBroker {
     }
 
     fn unsubscribe_user(&self, _user: &Arc<str>) {}
-
-    async fn track(
-        &self,
-        room: &RoomName,
-        entry: PresenceEntry,
-        max_entries: usize,
-    ) -> Result<Tracked, BrokerError> {
-        self.side.track(room, entry, max_entries).await
-    }
-
-    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {
-        self.side.untrack(room, conn_id).await
-    }
-
-    async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError> {
-        self.side.presence(room).await
-    }
-
-    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
-        self.side.heartbeat(me).await
-    }
-
-    async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
-        self.side.instances().await
-    }
 }
 
 /// Offsets and payloads after `after` on partition 0, the newest `limit`; `gap` when

@@ -12,7 +12,7 @@ use futures_util::FutureExt;
 use super::idempotency::{self, LocalIdempotency};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceDiff,
-    PresenceEntry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
+    PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 
 #[derive(Default)]
@@ -45,6 +45,8 @@ pub struct MemoryBroker {
     clock: Mutex<IdClock>,
     logs: Mutex<HashMap<RoomName, RoomLog>>,
     subscribed: Mutex<HashSet<RoomName>>,
+    /// Rooms whose presence diffs this instance wants.
+    watched: Mutex<HashSet<RoomName>>,
     users: Mutex<HashSet<Arc<str>>>,
     presence: Mutex<HashMap<RoomName, Vec<PresenceEntry>>>,
     me: Mutex<Option<InstanceInfo>>,
@@ -60,6 +62,7 @@ impl MemoryBroker {
             clock: Mutex::default(),
             logs: Mutex::default(),
             subscribed: Mutex::default(),
+            watched: Mutex::default(),
             users: Mutex::default(),
             presence: Mutex::default(),
             me: Mutex::default(),
@@ -76,7 +79,7 @@ impl MemoryBroker {
     }
 
     fn announce(&self, diff: PresenceDiff) {
-        if self.subscribed.lock().contains(&diff.room) {
+        if self.watched.lock().contains(&diff.room) {
             self.sink.presence(Arc::new(diff));
         }
     }
@@ -174,6 +177,22 @@ impl Broker for MemoryBroker {
 
     fn unsubscribe_user(&self, user: &Arc<str>) {
         self.users.lock().remove(user);
+    }
+}
+
+#[async_trait::async_trait]
+impl Registry for MemoryBroker {
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn watch(&self, room: &RoomName) -> Subscribed {
+        self.watched.lock().insert(room.clone());
+        ready()
+    }
+
+    fn unwatch(&self, room: &RoomName) {
+        self.watched.lock().remove(room);
     }
 
     async fn track(

@@ -237,6 +237,20 @@ pub trait Broker: Send + Sync + 'static {
     fn subscribe_user(&self, user: &Arc<str>) -> Subscribed;
 
     fn unsubscribe_user(&self, user: &Arc<str>);
+}
+
+/// Presence and instances: who is in a room, and which instances are alive. A port of its
+/// own, so that a message broker without them (Kafka) is paired with one that has them.
+#[async_trait::async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Able to answer and record now.
+    fn is_ready(&self) -> bool;
+
+    /// Starts delivery of `room`'s presence diffs to this instance ([`Deliver::presence`]),
+    /// with the same ordering rule as [`Broker::subscribe`].
+    fn watch(&self, room: &RoomName) -> Subscribed;
+
+    fn unwatch(&self, room: &RoomName);
 
     /// Adds or replaces a connection's presence and announces the diff to the room everywhere,
     /// unless the room already holds `max_entries` others (checked atomically with the add).

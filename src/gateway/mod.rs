@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Authenticator, Identity};
 use crate::broker::{
     Broker, BrokerError, Deliver, DirectMessage, InstanceInfo, MessageId, PresenceDiff,
-    PresenceEntry, RoomEvent, RoomName, Subscribed, Wanted,
+    PresenceEntry, Registry, RoomEvent, RoomName, Subscribed, Wanted,
 };
 use crate::config::Config;
 use crate::protocol::{ServerFrame, close, format_ts};
@@ -206,6 +206,7 @@ impl Hub {
     fn join(
         &self,
         broker: &dyn Broker,
+        registry: &dyn Registry,
         room: &RoomName,
         session: &Arc<Session>,
         echo_self: bool,
@@ -214,9 +215,17 @@ impl Hub {
         let mut rooms = self.rooms.write();
         let entry = rooms.entry(room.clone()).or_insert_with(|| {
             metric::rooms_changed(1);
+            // The room's messages, and its presence diffs.
+            let messages = broker.subscribe(room);
+            let presence = registry.watch(room);
+            let subscribed: Subscribed = async move {
+                messages.await?;
+                presence.await
+            }
+            .boxed();
             Room {
                 members: Vec::new(),
-                subscribed: broker.subscribe(room).shared(),
+                subscribed: subscribed.shared(),
                 last_id: Mutex::new(MessageId::ZERO),
             }
         });
@@ -250,7 +259,13 @@ impl Hub {
 
     /// Removes `session` from `room`; unsubscribes the room when it was the last member.
     /// Returns whether it was a member.
-    fn leave(&self, broker: &dyn Broker, room: &RoomName, session_id: u64) -> bool {
+    fn leave(
+        &self,
+        broker: &dyn Broker,
+        registry: &dyn Registry,
+        room: &RoomName,
+        session_id: u64,
+    ) -> bool {
         let mut rooms = self.rooms.write();
         let Some(entry) = rooms.get_mut(room) else {
             return false;
@@ -266,6 +281,7 @@ impl Hub {
         if entry.members.is_empty() {
             rooms.remove(room);
             broker.unsubscribe(room);
+            registry.unwatch(room);
             metric::rooms_changed(-1);
         }
         true
@@ -521,11 +537,13 @@ impl Deliver for Hub {
     }
 }
 
-/// The instance: hub, broker, auth and configuration.
+/// The instance: hub, broker, registry, auth and configuration.
 pub struct Gateway {
     pub config: Arc<Config>,
     pub auth: Authenticator,
     pub broker: Arc<dyn Broker>,
+    /// Presence and instances.
+    pub registry: Arc<dyn Registry>,
     pub hub: Arc<Hub>,
     pub started_at: String,
     /// Address other instances and operators reach this one at (for heartbeats).
@@ -539,6 +557,7 @@ impl Gateway {
         config: Arc<Config>,
         auth: Authenticator,
         broker: Arc<dyn Broker>,
+        registry: Arc<dyn Registry>,
         hub: Arc<Hub>,
         advertised_address: String,
     ) -> Self {
@@ -546,6 +565,7 @@ impl Gateway {
             config,
             auth,
             broker,
+            registry,
             hub,
             started_at: format_ts(crate::protocol::now_ms()),
             advertised_address,
@@ -563,7 +583,7 @@ impl Gateway {
     }
 
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker.is_ready()
+        !self.is_draining() && self.broker.is_ready() && self.registry.is_ready()
     }
 
     pub fn instance_info(&self) -> InstanceInfo {
@@ -615,8 +635,9 @@ impl Gateway {
     /// Leaves every room, drops presence and unregisters the connection.
     async fn close_session(&self, session: &Arc<Session>, rooms: &[RoomName]) {
         for room in rooms {
-            self.hub.leave(&*self.broker, room, session.id);
-            if let Err(e) = self.broker.untrack(room, &session.public_id).await {
+            self.hub
+                .leave(&*self.broker, &*self.registry, room, session.id);
+            if let Err(e) = self.registry.untrack(room, &session.public_id).await {
                 tracing::warn!(error = %e, room = %room, "presence cleanup failed");
             }
         }
@@ -665,14 +686,14 @@ impl Gateway {
                 ws.ping_interval,
                 self.config.auth.jwt_leeway,
             );
-            metric::broker_ready(self.broker.is_ready());
+            metric::broker_ready(self.broker.is_ready() && self.registry.is_ready());
             if let Some(t) = last_heartbeat {
                 metric::heartbeat_age(t.elapsed());
             }
             // A failed heartbeat is retried on the next tick once the broker is back.
             let due = last_heartbeat.is_none_or(|t| t.elapsed() >= self.config.heartbeat.interval);
-            if due && self.broker.is_ready() {
-                match self.broker.heartbeat(&self.instance_info()).await {
+            if due && self.registry.is_ready() {
+                match self.registry.heartbeat(&self.instance_info()).await {
                     Ok(()) => last_heartbeat = Some(Instant::now()),
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }

@@ -437,6 +437,7 @@ impl Connection {
         }
         let joined = gw.hub.join(
             &*gw.broker,
+            &*gw.registry,
             &room,
             &self.session,
             echo_self,
@@ -446,7 +447,8 @@ impl Connection {
             return Ok(Some("{}".into()));
         }
         if let Err(e) = joined.subscribed.await {
-            gw.hub.leave(&*gw.broker, &room, self.session.id);
+            gw.hub
+                .leave(&*gw.broker, &*gw.registry, &room, self.session.id);
             return Err(Refusal::new(
                 ErrorCode::Unavailable,
                 unavailable_message(&e),
@@ -512,7 +514,7 @@ impl Connection {
             }
         }
 
-        match gw.broker.presence(&room).await {
+        match gw.registry.presence(&room).await {
             Ok(entries) => {
                 let state = serde_json::Value::Object(presence_map(&entries));
                 self.send(ServerFrame::new("presence_state", Some(&room), &state).to_json());
@@ -524,9 +526,11 @@ impl Connection {
 
     async fn leave_room(&mut self, room: &RoomName) -> bool {
         let gw = &self.gw;
-        let was_member = gw.hub.leave(&*gw.broker, room, self.session.id);
+        let was_member = gw
+            .hub
+            .leave(&*gw.broker, &*gw.registry, room, self.session.id);
         self.rooms.retain(|r| r != room);
-        if was_member && let Err(e) = gw.broker.untrack(room, &self.session.public_id).await {
+        if was_member && let Err(e) = gw.registry.untrack(room, &self.session.public_id).await {
             tracing::warn!(error = %e, room = %room, "presence cleanup failed");
         }
         was_member
@@ -720,7 +724,7 @@ impl Connection {
         let max = self.gw.config.rooms.max_presence_per_room;
         let tracked = self
             .gw
-            .broker
+            .registry
             .track(&room, entry, max)
             .await
             .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
@@ -737,7 +741,7 @@ impl Connection {
     async fn untrack(&mut self, frame: &ClientFrame<'_>) -> Reply {
         let room = self.joined_room(frame)?;
         self.gw
-            .broker
+            .registry
             .untrack(&room, &self.session.public_id)
             .await
             .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;

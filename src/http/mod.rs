@@ -292,7 +292,7 @@ async fn broadcast(
 }
 
 async fn stats(State(gw): State<Arc<Gateway>>) -> Response {
-    let (live, detail) = match gw.broker.instances().await {
+    let (live, detail) = match gw.registry.instances().await {
         Ok(list) => {
             let ids: Vec<String> = list.iter().map(|i| i.id.clone()).collect();
             (ids, serde_json::to_value(&list).unwrap_or_default())
@@ -319,7 +319,7 @@ async fn stats(State(gw): State<Arc<Gateway>>) -> Response {
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     if gw.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
-    } else if !gw.broker.is_ready() {
+    } else if !gw.broker.is_ready() || !gw.registry.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable").into_response()
     } else {
         (StatusCode::OK, "ready").into_response()

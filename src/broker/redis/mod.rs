@@ -28,7 +28,7 @@ use super::idempotency::{self, Claim, IdempotencyStore};
 use super::wire::{self, WirePresence};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
-    RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
+    Registry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 use crate::config::{BrokerConfig, RedisConfig};
 use crate::supervise::{self, Exit, Handoff};
@@ -75,6 +75,10 @@ struct Shared {
 pub struct RedisBroker {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
+    /// Used only as the registry (next to another message broker): watching a room's presence
+    /// subscribes its channel, which carries the diffs. As the message broker too, the room's
+    /// subscription carries them already.
+    presence_only: bool,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -129,7 +133,14 @@ impl RedisBroker {
         Self {
             shared,
             commands: tx,
+            presence_only: false,
         }
+    }
+
+    /// For use as the [`Registry`] only, next to another message broker (Kafka).
+    pub fn presence_only(mut self) -> Self {
+        self.presence_only = true;
+        self
     }
 
     fn master(&self) -> Result<MultiplexedConnection, BrokerError> {
@@ -338,6 +349,27 @@ impl Broker for RedisBroker {
 
     fn unsubscribe_user(&self, user: &Arc<str>) {
         self.send_command(Command::UnsubscribeUser(user.clone()));
+    }
+}
+
+#[async_trait::async_trait]
+impl Registry for RedisBroker {
+    fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst)
+    }
+
+    fn watch(&self, room: &RoomName) -> Subscribed {
+        if self.presence_only {
+            Broker::subscribe(self, room)
+        } else {
+            futures_util::future::ready(Ok(())).boxed()
+        }
+    }
+
+    fn unwatch(&self, room: &RoomName) {
+        if self.presence_only {
+            Broker::unsubscribe(self, room);
+        }
     }
 
     async fn track(
