@@ -29,32 +29,14 @@ const MAX_ATTEMPTS: u32 = 400;
 const REPLY_WAIT: Duration = Duration::from_secs(3);
 
 fn config(topo: &SentinelTopology, listen: Option<u16>) -> String {
-    let sentinels: Vec<String> = topo
-        .sentinel_addrs()
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect();
     let listen = listen
         .map(|p| format!("[server]\nlisten = \"127.0.0.1:{p}\"\n"))
         .unwrap_or_default();
-    format!(
-        r#"{listen}
-[broker]
-kind = "redis"
-probe_interval = "500ms"
-probe_timeout = "1500ms"
-[redis]
-sentinels = [{}]
-master_name = "{}"
-command_timeout = "500ms"
-min_replicas_ack = 1
-[heartbeat]
-interval = "500ms"
-ttl = "2s"
-"#,
-        sentinels.join(", "),
-        topo.master_name
-    )
+    listen
+        + &topo.rtgate_toml(
+            "probe_interval = \"500ms\"\nprobe_timeout = \"1500ms\"",
+            "min_replicas_ack = 1",
+        )
 }
 
 fn on_path(bin: &str) -> bool {

@@ -12,26 +12,7 @@ use serde_json::json;
 
 /// Gateway config for a Sentinel topology; short heartbeats so instance death shows quickly.
 fn sentinel_toml(topo: &SentinelTopology) -> String {
-    let sentinels: Vec<String> = topo
-        .sentinel_addrs()
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect();
-    format!(
-        r#"
-[broker]
-kind = "redis"
-[redis]
-sentinels = [{}]
-master_name = "{}"
-command_timeout = "500ms"
-[heartbeat]
-interval = "500ms"
-ttl = "2s"
-"#,
-        sentinels.join(", "),
-        topo.master_name
-    )
+    topo.rtgate_toml("", "")
 }
 
 async fn three_instances(topo: &SentinelTopology) -> (Server, Server, Server) {

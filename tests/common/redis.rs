@@ -414,6 +414,23 @@ impl SentinelTopology {
         panic!("{msg}\n{}", logs.join("\n"));
     }
 
+    /// rtgate config for this topology (short heartbeats, so instance death shows quickly);
+    /// `broker_extra` and `redis_extra` are TOML lines added to `[broker]` and `[redis]`.
+    pub fn rtgate_toml(&self, broker_extra: &str, redis_extra: &str) -> String {
+        let sentinels: Vec<String> = self
+            .sentinel_addrs()
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect();
+        format!(
+            "[broker]\nkind = \"redis\"\n{broker_extra}\n[redis]\nsentinels = [{}]\n\
+             master_name = \"{}\"\ncommand_timeout = \"500ms\"\n{redis_extra}\n\
+             [heartbeat]\ninterval = \"500ms\"\nttl = \"2s\"\n",
+            sentinels.join(", "),
+            self.master_name
+        )
+    }
+
     pub fn sentinel_addrs(&self) -> Vec<String> {
         let ports = self.sentinels.iter().map(|s| s.port);
         ports.map(|p| format!("127.0.0.1:{p}")).collect()
