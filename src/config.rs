@@ -349,6 +349,9 @@ pub struct RedisConfig {
     pub url: String,
     /// Sentinel addresses, `host:port`.
     pub sentinels: Vec<String>,
+    /// Redis Cluster seed nodes, `host:port` (rooms sharded by hash slot, sharded Pub/Sub);
+    /// instead of `url` and `sentinels`.
+    pub cluster_nodes: Vec<String>,
     pub master_name: String,
     pub password: String,
     pub sentinel_password: String,
@@ -376,6 +379,7 @@ impl Default for RedisConfig {
         Self {
             url: String::new(),
             sentinels: Vec::new(),
+            cluster_nodes: Vec::new(),
             master_name: "mymaster".to_string(),
             password: String::new(),
             sentinel_password: String::new(),
@@ -427,7 +431,7 @@ impl Default for KafkaConfig {
 impl RedisConfig {
     /// Whether a Redis is configured at all (Kafka uses it for presence and heartbeats).
     pub fn is_configured(&self) -> bool {
-        !self.url.is_empty() || !self.sentinels.is_empty()
+        !self.url.is_empty() || !self.sentinels.is_empty() || !self.cluster_nodes.is_empty()
     }
 }
 
@@ -601,11 +605,28 @@ impl Config {
                 "must be longer than heartbeat.interval (which must be more than 0)",
             ));
         }
+        let modes = [
+            !self.redis.url.is_empty(),
+            !self.redis.sentinels.is_empty(),
+            !self.redis.cluster_nodes.is_empty(),
+        ];
+        if modes.iter().filter(|m| **m).count() > 1 {
+            return Err(bad(
+                "redis.cluster_nodes",
+                "redis.url, redis.sentinels and redis.cluster_nodes exclude each other: set one",
+            ));
+        }
+        if self.broker.kind == BrokerKind::Kafka && !self.redis.cluster_nodes.is_empty() {
+            return Err(bad(
+                "redis.cluster_nodes",
+                "presence for the Kafka broker takes redis.url or redis.sentinels, not a Cluster (yet)",
+            ));
+        }
         if self.broker.kind == BrokerKind::Redis {
-            if self.redis.url.is_empty() && self.redis.sentinels.is_empty() {
+            if !self.redis.is_configured() {
                 return Err(bad(
                     "redis.url",
-                    "broker.kind = \"redis\" needs redis.url or redis.sentinels",
+                    "broker.kind = \"redis\" needs redis.url, redis.sentinels or redis.cluster_nodes",
                 ));
             }
             if !self.redis.sentinels.is_empty() && self.redis.master_name.is_empty() {

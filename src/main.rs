@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use rtgate::auth::Authenticator;
 use rtgate::broker::idempotency::{IdempotencyStore, LocalIdempotency};
-use rtgate::broker::{Broker, KafkaBroker, MemoryBroker, ProbeTiming, RedisBroker, Registry};
+use rtgate::broker::{
+    Broker, ClusterBroker, KafkaBroker, MemoryBroker, ProbeTiming, RedisBroker, Registry,
+};
 use rtgate::config::{BrokerKind, Config};
 use rtgate::gateway::{Gateway, Hub};
 
@@ -185,6 +187,16 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
                 ),
             );
             (memory.clone(), memory)
+        }
+        BrokerKind::Redis if !config.redis.cluster_nodes.is_empty() => {
+            let cluster = Arc::new(ClusterBroker::start(
+                config.redis.clone(),
+                &config.broker,
+                config.heartbeat.ttl,
+                hub.instance_id().clone(),
+                hub.clone(),
+            ));
+            (cluster.clone(), cluster)
         }
         BrokerKind::Redis => {
             let redis = Arc::new(RedisBroker::start(

@@ -583,6 +583,79 @@ mod redis {
     }
 }
 
+mod cluster {
+    use super::*;
+    use crate::common::redis::{ClusterTopology, require_redis};
+    use rtgate::broker::ClusterBroker;
+    use rtgate::config::RedisConfig;
+
+    const HISTORY: u64 = 20;
+
+    /// Two instances (two brokers, two sinks) on one real Redis Cluster (3 masters, each with
+    /// a replica: publishes wait for `WAIT 1`).
+    async fn pair(topo: &ClusterTopology, n: usize) -> (Instance, Instance) {
+        let make = |id: String| {
+            let sink = Arc::new(Recording::default());
+            let cfg = RedisConfig {
+                cluster_nodes: topo.seed_addrs(),
+                stream_maxlen: HISTORY,
+                ..RedisConfig::default()
+            };
+            let cluster = Arc::new(ClusterBroker::start(
+                cfg,
+                &rtgate::config::BrokerConfig::default(),
+                Duration::from_secs(15),
+                id.into(),
+                sink.clone(),
+            ));
+            Instance {
+                broker: cluster.clone(),
+                registry: cluster,
+                sink,
+            }
+        };
+        let (a, b) = (make(format!("cl-a{n}")), make(format!("cl-b{n}")));
+        for inst in [&a, &b] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !inst.broker.is_ready() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cluster broker never ready"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        (a, b)
+    }
+
+    /// Every case on one cluster (starting one takes seconds), each with fresh instances.
+    #[tokio::test]
+    async fn every_case_passes_on_redis_cluster() {
+        if !require_redis() {
+            return;
+        }
+        let topo = ClusterTopology::start().await;
+        let (a, b) = pair(&topo, 1).await;
+        super::publish_reaches_subscribers_in_order_once(&a, &b).await;
+        let (a, b) = pair(&topo, 2).await;
+        super::unsubscribed_rooms_are_not_delivered(&a, &b).await;
+        let (a, b) = pair(&topo, 3).await;
+        super::history_replays_after_an_id(&a, &b).await;
+        let (a, b) = pair(&topo, 4).await;
+        super::presence_is_shared_and_diffed(&a, &b).await;
+        let (a, _b) = pair(&topo, 5).await;
+        super::heartbeats_list_instances(&a).await;
+        let (a, b) = pair(&topo, 6).await;
+        super::direct_reaches_the_users_instance_only(&a, &b).await;
+        let (a, b) = pair(&topo, 7).await;
+        super::repeated_idempotency_keys_publish_once(&a, &b).await;
+        let (a, _b) = pair(&topo, 8).await;
+        super::an_unknown_since_is_a_gap(&a).await;
+        let (a, _b) = pair(&topo, 9).await;
+        super::trimmed_history_is_a_gap(&a, HISTORY as usize).await;
+    }
+}
+
 mod kafka {
     use super::*;
     use crate::common::kafka::{KafkaServer, require_kafka};

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::redis::{RedisServer, SentinelTopology, require_redis};
+use common::redis::{ClusterTopology, RedisServer, SentinelTopology, require_redis};
 use common::{Client, Server, WAIT, messages_in};
 use serde_json::json;
 
@@ -285,6 +285,104 @@ async fn sigkill_of_the_master_loses_no_acked_message() {
 #[tokio::test]
 async fn sigstop_of_the_master_loses_no_acked_message() {
     failover_case(true).await;
+}
+
+/// Gateway config for a Redis Cluster.
+fn cluster_toml(topo: &ClusterTopology) -> String {
+    let nodes: Vec<String> = topo
+        .seed_addrs()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    format!(
+        "[broker]\nkind = \"redis\"\nprobe_interval = \"500ms\"\nprobe_timeout = \"1500ms\"\n\
+         [redis]\ncluster_nodes = [{}]\ncommand_timeout = \"500ms\"\n\
+         [heartbeat]\ninterval = \"500ms\"\nttl = \"2s\"\n",
+        nodes.join(", ")
+    )
+}
+
+/// Three instances on a Redis Cluster: a room's messages, presence and history across them,
+/// stats; then the master that owns a busy room's slot is SIGKILLed under steady publishing:
+/// every acked message reaches the subscribers on the other instances once, in order, and no
+/// client is disconnected. (Publishes to that shard are refused while it has no replica to
+/// confirm them, until the killed node is back as one.)
+#[tokio::test]
+async fn cluster_three_instances_and_sigkill_of_the_rooms_master_lose_no_acked_message() {
+    if !require_redis() {
+        return;
+    }
+    let mut topo = ClusterTopology::start().await;
+    let cfg = cluster_toml(&topo);
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let c = Server::start(&cfg).await;
+    let stats = a
+        .wait_stats(Duration::from_secs(10), |s| s["instances"] == 3)
+        .await;
+    assert_eq!(stats["broker"], "redis");
+
+    // Presence and history across instances.
+    let lobby = "public:cluster-lobby";
+    let mut alice = b.user("alice").await;
+    alice.join(lobby).await;
+    alice
+        .request_ok(json!({"type": "track", "room": lobby, "data": {"status": "here"}}))
+        .await;
+    let mut bob = c.user("bob").await;
+    let joined = bob.request(json!({"type": "join", "room": lobby})).await;
+    assert_eq!(joined["type"], "ack", "{joined}");
+    let frames = bob.collect_for(Duration::from_millis(300)).await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["type"] == "presence_state" && f["data"]["alice"].is_array()),
+        "bob sees alice's presence from another instance: {frames:?}"
+    );
+
+    let room: &'static str = "public:cluster-busy";
+    let mut sub_b = b.user("sub-b").await;
+    let mut sub_c = c.user("sub-c").await;
+    sub_b.join(room).await;
+    sub_c.join(room).await;
+    let publisher = a.user("pub").await;
+    let total = Duration::from_secs(12);
+    let listen_for = total + Duration::from_secs(3);
+    let pubs = tokio::spawn(publish_steadily(publisher, room, total));
+    let lb = tokio::spawn(listen(sub_b, room, listen_for));
+    let lc = tokio::spawn(listen(sub_c, room, listen_for));
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slot = topo.keyslot(&format!("rt:stream:{{{room}}}")).await;
+    let old = topo.master_of(slot).await;
+    topo.kill_node(old);
+    let (new_master, failover) = topo
+        .wait_for_failover(slot, old, Duration::from_secs(15))
+        .await;
+    // The promoted replica has no replica of its own until the old master comes back as one:
+    // until then `WAIT 1` cannot succeed and publishes to this shard are refused.
+    topo.restart_node(old).await;
+
+    let log = pubs.await.expect("publisher");
+    let got_b = lb.await.expect("subscriber on B stayed connected");
+    let got_c = lc.await.expect("subscriber on C stayed connected");
+    println!(
+        "cluster: SIGKILL of slot {slot}'s master {old} -> {new_master}: failover {failover:?}, \
+         publish outage {:?}, {} acked, {} refused, B got {}, C got {}",
+        log.outage,
+        log.acked.len(),
+        log.refused,
+        got_b.len(),
+        got_c.len()
+    );
+    assert!(
+        log.acked.len() > 100,
+        "publishing went on: {}",
+        log.acked.len()
+    );
+    check_delivery("B", &log.acked, &got_b);
+    check_delivery("C", &log.acked, &got_c);
+    drop((a, b, c));
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 pub use kafka::{KafkaBroker, ProbeTiming};
 pub use memory::MemoryBroker;
-pub use redis::RedisBroker;
+pub use redis::{ClusterBroker, RedisBroker};
 
 /// Room names are shared, never copied per message.
 pub type RoomName = Arc<str>;

@@ -4,17 +4,19 @@ use super::*;
 
 /// Stream entries of `room` after `after`, the newest `limit`, oldest first; `gap` when some
 /// entry after `after` was trimmed or expired.
-pub(super) async fn read_history(
-    conn: &mut MultiplexedConnection,
+/// `key_room` is the room as its keys spell it (`{<room>}` on Redis Cluster).
+pub(super) async fn read_history<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
     room: &RoomName,
+    key_room: &str,
     after: MessageId,
     limit: usize,
     cfg: &RedisConfig,
 ) -> Result<History, RedisError> {
-    let key = names::stream(room);
+    let key = names::stream(key_room);
     let mut pipe = redis::pipe();
     pipe.cmd("EXISTS").arg(&key);
-    pipe.cmd("GET").arg(names::trimmed(room));
+    pipe.cmd("GET").arg(names::trimmed(key_room));
     pipe.cmd("XREVRANGE")
         .arg(&key)
         .arg("+")

@@ -33,12 +33,14 @@ use super::{
 use crate::config::{BrokerConfig, RedisConfig};
 use crate::supervise::{self, Exit, Handoff};
 
+mod cluster;
 mod connect;
 mod history;
 mod names;
 mod scripts;
 mod subscriber;
 
+pub use cluster::ClusterBroker;
 use connect::*;
 use history::*;
 use scripts::*;
@@ -287,7 +289,7 @@ impl Broker for RedisBroker {
             None
         };
         let mut history = match replica {
-            Some(mut conn) => read_history(&mut conn, room, after, limit, &self.shared.cfg)
+            Some(mut conn) => read_history(&mut conn, room, room, after, limit, &self.shared.cfg)
                 .await
                 .ok(),
             None => None,
@@ -297,7 +299,7 @@ impl Broker for RedisBroker {
         match &mut history {
             Some(h) => {
                 let from = h.events.last().map_or(after, |e| e.id);
-                let tail = read_history(&mut master, room, from, limit, &self.shared.cfg)
+                let tail = read_history(&mut master, room, room, from, limit, &self.shared.cfg)
                     .await
                     .map_err(|e| self.failed(e))?;
                 h.events.extend(tail.events);
@@ -309,7 +311,7 @@ impl Broker for RedisBroker {
             }
             None => {
                 history = Some(
-                    read_history(&mut master, room, after, limit, &self.shared.cfg)
+                    read_history(&mut master, room, room, after, limit, &self.shared.cfg)
                         .await
                         .map_err(|e| self.failed(e))?,
                 );

@@ -1,0 +1,909 @@
+//! Redis Cluster (`redis.cluster_nodes`): rooms spread over the masters by hash slot. Every
+//! key and channel of a room carries the room as a hash tag (`rt:stream:{<room>}`,
+//! `rt:room:{<room>}`), so the publish script runs atomically on the room's master, `WAIT`
+//! goes to that master, and live copies use sharded Pub/Sub (`SPUBLISH`/`SSUBSCRIBE`), which
+//! touches only the room's shard.
+//!
+//! One task owns the cluster connection and its pushes. redis-rs routes commands to the slot's
+//! current master and follows `MOVED`, but it does not move a sharded subscription after a
+//! failover (tests/redis_topology.rs), so the task subscribes every wanted channel again, and
+//! catches each room up from its stream, whenever a node connection drops, the server
+//! unsubscribes a channel (a slot moved), or its self-probe does not come back.
+
+use std::collections::HashSet;
+use std::sync::LazyLock;
+
+use parking_lot::Mutex;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+use redis::{PushInfo, PushKind};
+
+use super::*;
+
+/// The room (or user, or instance) as a hash tag: every key of it lands in one slot.
+fn tag(s: &str) -> String {
+    format!("{{{s}}}")
+}
+
+/// The heartbeat keys share one slot.
+const INSTANCES: &str = "rt:{instances}";
+
+fn instance_key(id: &str) -> String {
+    format!("rt:{{instances}}:{id}")
+}
+
+/// A connection's presence entries in one room, per instance (same slot as the room).
+fn presence_index(room: &str, instance: &str) -> String {
+    format!("rt:presence-of:{}:{instance}", tag(room))
+}
+
+/// The rooms where an instance has presence entries (read when it is reaped).
+fn presence_rooms(instance: &str) -> String {
+    format!("rt:presence-rooms:{}", tag(instance))
+}
+
+static PUBLISH: LazyLock<String> =
+    LazyLock::new(|| PUBLISH_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"));
+static TRACK: LazyLock<String> =
+    LazyLock::new(|| TRACK_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"));
+static UNTRACK: LazyLock<String> =
+    LazyLock::new(|| UNTRACK_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"));
+static LIVE_INSTANCES: LazyLock<String> =
+    LazyLock::new(|| INSTANCES_SCRIPT.replace("'rt:instances:'", "'rt:{instances}:'"));
+static PROBE: LazyLock<String> =
+    LazyLock::new(|| PROBE_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"));
+
+/// Removes a dead instance's presence in one room and announces the leaves.
+/// KEYS: presence hash, the instance's index in the room, room channel.
+const REAP_ROOM_SCRIPT: &str = r#"
+for _, conn in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local old = redis.call('HGET', KEYS[1], conn)
+  if old then
+    redis.call('HDEL', KEYS[1], conn)
+    redis.call('SPUBLISH', KEYS[3], '{"type":"presence_diff","data":{"joins":[],"leaves":[' .. old .. ']}}')
+  end
+end
+redis.call('DEL', KEYS[2])
+return 1
+"#;
+
+enum Request {
+    Room(RoomName, Option<oneshot::Sender<Result<(), BrokerError>>>),
+    DropRoom(RoomName),
+    User(Arc<str>, Option<oneshot::Sender<Result<(), BrokerError>>>),
+    DropUser(Arc<str>),
+}
+
+struct ClusterShared {
+    cfg: RedisConfig,
+    heartbeat_ttl: Duration,
+    instance_id: Arc<str>,
+    sink: Arc<dyn Deliver>,
+    conn: RwLock<Option<ClusterConnection>>,
+    ready: AtomicBool,
+    min_acks: u32,
+    /// Subscribed rooms, with the last id delivered here.
+    rooms: Mutex<HashMap<RoomName, MessageId>>,
+    users: Mutex<HashSet<Arc<str>>>,
+    idempotency_window: Duration,
+    probe_interval: Duration,
+    probe_timeout: Duration,
+    closed: AtomicBool,
+}
+
+pub struct ClusterBroker {
+    shared: Arc<ClusterShared>,
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl Drop for ClusterBroker {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+impl ClusterBroker {
+    /// Starts the task that connects to the cluster; ready once its self-probe came back.
+    pub fn start(
+        cfg: RedisConfig,
+        broker: &BrokerConfig,
+        heartbeat_ttl: Duration,
+        instance_id: Arc<str>,
+        sink: Arc<dyn Deliver>,
+    ) -> Self {
+        let shared = Arc::new(ClusterShared {
+            min_acks: cfg.min_replicas_ack.unwrap_or(1),
+            cfg,
+            heartbeat_ttl,
+            instance_id,
+            sink,
+            conn: RwLock::new(None),
+            ready: AtomicBool::new(false),
+            rooms: Mutex::default(),
+            users: Mutex::default(),
+            idempotency_window: broker.idempotency_window,
+            probe_interval: broker.probe_interval,
+            probe_timeout: broker.probe_timeout,
+            closed: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let requests = Handoff::new(rx);
+        let weak = Arc::downgrade(&shared);
+        let down = weak.clone();
+        supervise::spawn(
+            "redis-cluster",
+            move || {
+                let weak = weak.clone();
+                let requests = requests.clone();
+                async move {
+                    match weak.upgrade() {
+                        Some(shared) => run(shared, requests).await,
+                        None => Exit::Done,
+                    }
+                }
+            },
+            move || {
+                if let Some(shared) = down.upgrade() {
+                    shared.ready.store(false, Ordering::SeqCst);
+                }
+            },
+        );
+        Self {
+            shared,
+            requests: tx,
+        }
+    }
+
+    fn conn(&self) -> Result<ClusterConnection, BrokerError> {
+        self.shared
+            .conn
+            .read()
+            .clone()
+            .ok_or_else(|| unavailable("no Redis Cluster connection"))
+    }
+
+    fn ask(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), BrokerError>>) -> Request,
+    ) -> Subscribed {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.requests.send(make(tx)).is_ok();
+        let limit = self.shared.cfg.command_timeout * 5;
+        async move {
+            if !sent {
+                return Err(unavailable("Redis Cluster task stopped"));
+            }
+            match tokio::time::timeout(limit, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(unavailable("Redis Cluster task stopped")),
+                Err(_) => Err(unavailable("Redis Cluster subscription timed out")),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// `WAIT` on the master of `key`'s slot: the writes of this connection to that node.
+async fn wait_on_master(
+    conn: &mut ClusterConnection,
+    key: &str,
+    min_acks: u32,
+    timeout: Duration,
+) -> Result<i64, RedisError> {
+    let mut wait = redis::cmd("WAIT");
+    wait.arg(min_acks).arg(timeout.as_millis() as u64);
+    let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+    let reply = conn
+        .route_command(
+            wait,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+        )
+        .await?;
+    Ok(redis::from_redis_value(reply)?)
+}
+
+#[async_trait::async_trait]
+impl Broker for ClusterBroker {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst)
+    }
+
+    async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
+        let mut conn = self.conn()?;
+        let cfg = &self.shared.cfg;
+        let room = tag(&msg.room);
+        let stream = names::stream(&room);
+        let payload = wire::encode_message(&msg, true);
+        // The scope starts with the room: tagged, its key lands in the room's slot.
+        let idempotency = idempotency::scope(&msg)
+            .map(|s| names::idempotency(&format!("{room}{}", &s[msg.room.len()..])));
+        let min_acks = self.shared.min_acks;
+        let publish_now = min_acks == 0;
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(PUBLISH.as_str())
+            .arg(if idempotency.is_some() { 4 } else { 3 })
+            .arg(&stream)
+            .arg(names::room_channel(&room))
+            .arg(names::trimmed(&room));
+        if let Some(key) = &idempotency {
+            eval.arg(key);
+        }
+        eval.arg(cfg.stream_maxlen)
+            .arg(cfg.stream_ttl.as_millis() as u64)
+            .arg(&payload)
+            .arg(if publish_now { 1 } else { 0 })
+            .arg(self.shared.idempotency_window.as_millis() as u64);
+        let (id, live, repeat): (String, String, i64) =
+            eval.query_async(&mut conn).await.map_err(unavailable)?;
+        let id: MessageId = id
+            .parse()
+            .map_err(|_| BrokerError::Other(format!("unexpected stream id {id}")))?;
+        if repeat == 1 {
+            crate::telemetry::metric::idempotent_repeat();
+        }
+        if !publish_now {
+            let acked = wait_on_master(&mut conn, &stream, min_acks, cfg.wait_timeout)
+                .await
+                .map_err(unavailable)?;
+            if acked < i64::from(min_acks) {
+                return Err(unavailable(format!(
+                    "{acked} of {min_acks} replicas confirmed the write in time"
+                )));
+            }
+            if !live.is_empty() {
+                let published: Result<i64, _> = redis::cmd("SPUBLISH")
+                    .arg(names::room_channel(&room))
+                    .arg(&live)
+                    .query_async(&mut conn)
+                    .await;
+                if let Err(e) = published {
+                    // Durable already: subscribers read it from the stream later.
+                    tracing::warn!(error = %e, room = %msg.room, "live copy not published");
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    fn subscribe(&self, room: &RoomName) -> Subscribed {
+        let room = room.clone();
+        self.ask(move |done| Request::Room(room, Some(done)))
+    }
+
+    fn unsubscribe(&self, room: &RoomName) {
+        let _ = self.requests.send(Request::DropRoom(room.clone()));
+    }
+
+    async fn history_after(
+        &self,
+        room: &RoomName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let mut conn = self.conn()?;
+        let tagged = tag(room);
+        let history = read_history(&mut conn, room, &tagged, after, limit, &self.shared.cfg)
+            .await
+            .map_err(unavailable)?;
+        if !history.events.is_empty() && !confirm(&self.shared, &mut conn, &tagged).await {
+            return Err(unavailable(
+                "the replicas did not confirm the history in time",
+            ));
+        }
+        Ok(history)
+    }
+
+    async fn send_direct(&self, msg: DirectMessage) -> Result<(), BrokerError> {
+        let mut conn = self.conn()?;
+        redis::cmd("SPUBLISH")
+            .arg(names::user_channel(&tag(&msg.to)))
+            .arg(wire::encode_direct(&msg))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn subscribe_user(&self, user: &Arc<str>) -> Subscribed {
+        let user = user.clone();
+        self.ask(move |done| Request::User(user, Some(done)))
+    }
+
+    fn unsubscribe_user(&self, user: &Arc<str>) {
+        let _ = self.requests.send(Request::DropUser(user.clone()));
+    }
+}
+
+#[async_trait::async_trait]
+impl Registry for ClusterBroker {
+    fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst)
+    }
+
+    /// The room's subscription carries its presence diffs.
+    fn watch(&self, _room: &RoomName) -> Subscribed {
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
+    fn unwatch(&self, _room: &RoomName) {}
+
+    async fn track(
+        &self,
+        room: &RoomName,
+        entry: PresenceEntry,
+        max_entries: usize,
+    ) -> Result<Tracked, BrokerError> {
+        let mut conn = self.conn()?;
+        let stored = serde_json::to_string(&WirePresence {
+            user_id: std::borrow::Cow::Borrowed(&entry.user_id),
+            conn_id: std::borrow::Cow::Borrowed(&entry.conn_id),
+            meta: &entry.meta,
+        })
+        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        let id = &self.shared.instance_id;
+        // Listed first, so a reaper finds the room even if the entry's write is cut short.
+        redis::cmd("SADD")
+            .arg(presence_rooms(id))
+            .arg(&**room)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let tagged = tag(room);
+        let stored: i64 = redis::cmd("EVAL")
+            .arg(TRACK.as_str())
+            .arg(3)
+            .arg(names::presence(&tagged))
+            .arg(presence_index(room, id))
+            .arg(names::room_channel(&tagged))
+            .arg(&*entry.conn_id)
+            .arg(stored)
+            .arg(&*entry.conn_id)
+            .arg(max_entries)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(if stored == 1 {
+            Tracked::Stored
+        } else {
+            Tracked::RoomFull
+        })
+    }
+
+    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {
+        let mut conn = self.conn()?;
+        let tagged = tag(room);
+        redis::cmd("EVAL")
+            .arg(UNTRACK.as_str())
+            .arg(3)
+            .arg(names::presence(&tagged))
+            .arg(presence_index(room, &self.shared.instance_id))
+            .arg(names::room_channel(&tagged))
+            .arg(&**conn_id)
+            .arg(&**conn_id)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError> {
+        let mut conn = self.conn()?;
+        let values: Vec<String> = redis::cmd("HVALS")
+            .arg(names::presence(&tag(room)))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(values
+            .iter()
+            .filter_map(|v| match wire::decode_presence(v.as_bytes()) {
+                Ok(entry) => Some(entry),
+                Err(e) => {
+                    wire::skip_bad_payload("redis", "presence entry", &e);
+                    None
+                }
+            })
+            .collect())
+    }
+
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
+        let mut conn = self.conn()?;
+        let info = serde_json::to_string(me).map_err(|e| BrokerError::Other(e.to_string()))?;
+        let dead: Vec<String> = redis::cmd("EVAL")
+            .arg(HEARTBEAT_SCRIPT)
+            .arg(2)
+            .arg(INSTANCES)
+            .arg(instance_key(&me.id))
+            .arg(&me.id)
+            .arg(self.shared.heartbeat_ttl.as_millis() as u64)
+            .arg(info)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        for id in dead {
+            // Whoever removes the instance first reaps its presence, room by room.
+            let removed: i64 = redis::cmd("ZREM")
+                .arg(INSTANCES)
+                .arg(&id)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if removed == 0 {
+                continue;
+            }
+            let rooms: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(presence_rooms(&id))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            for room in &rooms {
+                let tagged = tag(room);
+                redis::cmd("EVAL")
+                    .arg(REAP_ROOM_SCRIPT)
+                    .arg(3)
+                    .arg(names::presence(&tagged))
+                    .arg(presence_index(room, &id))
+                    .arg(names::room_channel(&tagged))
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            redis::cmd("DEL")
+                .arg(presence_rooms(&id))
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            tracing::info!(instance = %id, rooms = rooms.len(), "removed a dead instance's presence");
+        }
+        Ok(())
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
+        let mut conn = self.conn()?;
+        let infos: Vec<String> = redis::cmd("EVAL")
+            .arg(LIVE_INSTANCES.as_str())
+            .arg(1)
+            .arg(INSTANCES)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(infos
+            .iter()
+            .filter_map(|i| serde_json::from_str::<InstanceInfoOwned>(i).ok())
+            .map(InstanceInfo::from)
+            .collect())
+    }
+}
+
+/// With replicas to wait for: a write in the room's slot after a read, confirmed by `WAIT`
+/// on the same master, shows that what the read returned is replicated.
+async fn confirm(shared: &ClusterShared, conn: &mut ClusterConnection, tagged: &str) -> bool {
+    if shared.min_acks == 0 {
+        return true;
+    }
+    let key = names::confirm_key(tagged);
+    let set: Result<(), _> = redis::cmd("SET")
+        .arg(&key)
+        .arg(1)
+        .arg("PX")
+        .arg(shared.cfg.wait_timeout.as_millis().max(1000) as u64)
+        .query_async(conn)
+        .await;
+    if set.is_err() {
+        return false;
+    }
+    wait_on_master(conn, &key, shared.min_acks, shared.cfg.wait_timeout)
+        .await
+        .is_ok_and(|n| n >= i64::from(shared.min_acks))
+}
+
+fn client(
+    cfg: &RedisConfig,
+    pushes: mpsc::UnboundedSender<PushInfo>,
+) -> RedisResult<ClusterConnectionClient> {
+    let urls: Vec<String> = cfg
+        .cluster_nodes
+        .iter()
+        .map(|n| format!("redis://{n}/?protocol=3"))
+        .collect();
+    let mut builder = ClusterClientBuilder::new(urls)
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(pushes)
+        .connection_timeout(cfg.command_timeout)
+        .response_timeout(cfg.command_timeout);
+    if !cfg.password.is_empty() {
+        builder = builder.password(cfg.password.clone());
+    }
+    builder.build()
+}
+
+type ClusterConnectionClient = redis::cluster::ClusterClient;
+type RedisResult<T> = Result<T, RedisError>;
+
+/// The cluster task: (re)connects, keeps every wanted channel subscribed, delivers pushes in
+/// order, catches rooms up, and probes.
+async fn run(
+    shared: Arc<ClusterShared>,
+    requests: Handoff<mpsc::UnboundedReceiver<Request>>,
+) -> Exit {
+    let Some(mut requests) = requests.take() else {
+        return Exit::Failed;
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if shared.closed.load(Ordering::SeqCst) {
+            return Exit::Done;
+        }
+        let (tx, mut pushes) = mpsc::unbounded_channel();
+        let connected = match client(&shared.cfg, tx) {
+            Ok(c) => tokio::time::timeout(shared.cfg.command_timeout * 5, c.get_async_connection())
+                .await
+                .map_err(|_| io_timeout("cluster connect"))
+                .and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        let mut conn = match connected {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "Redis Cluster unreachable; retrying");
+                refuse_all(&mut requests);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        *shared.conn.write() = Some(conn.clone());
+        tracing::info!(nodes = ?shared.cfg.cluster_nodes, "connected to Redis Cluster");
+        serve(&shared, &mut conn, &mut pushes, &mut requests).await;
+        shared.ready.store(false, Ordering::SeqCst);
+        *shared.conn.write() = None;
+        crate::telemetry::metric::broker_reconnect();
+    }
+}
+
+/// While no connection exists, subscriptions are refused (the gateway retries the join).
+fn refuse_all(requests: &mut mpsc::UnboundedReceiver<Request>) {
+    while let Ok(r) = requests.try_recv() {
+        match r {
+            Request::Room(_, Some(done)) | Request::User(_, Some(done)) => {
+                let _ = done.send(Err(unavailable("Redis Cluster unreachable")));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn probe_channel(shared: &ClusterShared) -> String {
+    names::probe(&tag(&shared.instance_id))
+}
+
+/// Serves one connection until the task should reconnect.
+async fn serve(
+    shared: &ClusterShared,
+    conn: &mut ClusterConnection,
+    pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
+    requests: &mut mpsc::UnboundedReceiver<Request>,
+) {
+    let mut resubscribe = true;
+    let mut probe_seq: u64 = 0;
+    let mut probe_sent: Option<(u64, Instant)> = None;
+    let mut tick = tokio::time::interval(shared.probe_interval.min(shared.probe_timeout) / 2);
+    loop {
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if resubscribe {
+            match resubscribe_all(shared, conn).await {
+                Ok(()) => resubscribe = false,
+                Err(e) => {
+                    shared.ready.store(false, Ordering::SeqCst);
+                    tracing::debug!(error = %e, "resubscribing on the cluster");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            request = requests.recv() => match request {
+                None => return,
+                Some(r) => {
+                    if apply(shared, conn, r).await.is_err() {
+                        resubscribe = true;
+                    }
+                }
+            },
+            push = pushes.recv() => match push {
+                None => return,
+                Some(push) => {
+                    let failed = match push.kind {
+                        PushKind::SMessage => {
+                            on_push(shared, conn, &push.data, &mut probe_sent).await.is_err()
+                        }
+                        // A node connection dropped, or the server moved a channel's slot away.
+                        PushKind::Disconnection | PushKind::SUnsubscribe => true,
+                        _ => false,
+                    };
+                    resubscribe |= failed;
+                }
+            },
+            _ = tick.tick() => {
+                if let Some((_, at)) = probe_sent
+                    && at.elapsed() > shared.probe_timeout
+                {
+                    crate::telemetry::metric::probe_missed();
+                    shared.ready.store(false, Ordering::SeqCst);
+                    probe_sent = None;
+                    resubscribe = true;
+                    continue;
+                }
+                if probe_sent.is_none() {
+                    probe_seq += 1;
+                    let sent: Result<Value, _> = redis::cmd("EVAL")
+                        .arg(PROBE.as_str())
+                        .arg(2)
+                        .arg(names::probe_key(&tag(&shared.instance_id)))
+                        .arg(probe_channel(shared))
+                        .arg(probe_seq)
+                        .arg(shared.probe_timeout.as_millis().max(1000) as u64)
+                        .query_async(conn)
+                        .await;
+                    match sent {
+                        Ok(_) => probe_sent = Some((probe_seq, Instant::now())),
+                        Err(_) => shared.ready.store(false, Ordering::SeqCst),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Subscribes every wanted channel again (where its slot is now), then catches each room up.
+async fn resubscribe_all(shared: &ClusterShared, conn: &mut ClusterConnection) -> RedisResult<()> {
+    conn.ssubscribe(probe_channel(shared)).await?;
+    let rooms: Vec<RoomName> = shared.rooms.lock().keys().cloned().collect();
+    for room in &rooms {
+        conn.ssubscribe(names::room_channel(&tag(room))).await?;
+    }
+    let users: Vec<Arc<str>> = shared.users.lock().iter().cloned().collect();
+    for user in &users {
+        conn.ssubscribe(names::user_channel(&tag(user))).await?;
+    }
+    for room in &rooms {
+        catch_up(shared, conn, room, None).await?;
+    }
+    Ok(())
+}
+
+async fn apply(
+    shared: &ClusterShared,
+    conn: &mut ClusterConnection,
+    request: Request,
+) -> RedisResult<()> {
+    match request {
+        Request::Room(room, done) => {
+            let known = shared.rooms.lock().contains_key(&room);
+            if known {
+                if let Some(done) = done {
+                    let _ = done.send(Ok(()));
+                }
+                return Ok(());
+            }
+            // From the stream's newest id: subscribe, then catch up what came in between.
+            let tagged = tag(&room);
+            let result = async {
+                let newest: Vec<Value> = redis::cmd("XREVRANGE")
+                    .arg(names::stream(&tagged))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(conn)
+                    .await?;
+                let newest = parse_entries(&room, &newest)
+                    .first()
+                    .map_or(MessageId::ZERO, |e| e.id);
+                shared.rooms.lock().insert(room.clone(), newest);
+                conn.ssubscribe(names::room_channel(&tagged)).await?;
+                catch_up(shared, conn, &room, None).await
+            }
+            .await;
+            if result.is_err() {
+                shared.rooms.lock().remove(&room);
+            }
+            if let Some(done) = done {
+                let _ = done.send(result.as_ref().map(|_| ()).map_err(unavailable));
+            }
+            result
+        }
+        Request::DropRoom(room) => {
+            shared.rooms.lock().remove(&room);
+            conn.sunsubscribe(names::room_channel(&tag(&room))).await
+        }
+        Request::User(user, done) => {
+            shared.users.lock().insert(user.clone());
+            let result = conn.ssubscribe(names::user_channel(&tag(&user))).await;
+            if let Some(done) = done {
+                let _ = done.send(result.as_ref().map(|_| ()).map_err(unavailable));
+            }
+            result
+        }
+        Request::DropUser(user) => {
+            shared.users.lock().remove(&user);
+            conn.sunsubscribe(names::user_channel(&tag(&user))).await
+        }
+    }
+}
+
+/// `rt:room:{<room>}` → `<room>`.
+fn untag<'a>(channel: &'a str, prefix: &str) -> Option<&'a str> {
+    channel
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix('}')
+}
+
+/// One sharded message: `[channel, payload]`.
+async fn on_push(
+    shared: &ClusterShared,
+    conn: &mut ClusterConnection,
+    data: &[Value],
+    probe_sent: &mut Option<(u64, Instant)>,
+) -> RedisResult<()> {
+    let (Some(channel), Some(payload)) = (data.first(), data.get(1)) else {
+        return Ok(());
+    };
+    let (Ok(channel), Ok(payload)) = (
+        redis::from_redis_value_ref::<String>(channel),
+        redis::from_redis_value_ref::<Vec<u8>>(payload),
+    ) else {
+        return Ok(());
+    };
+    if channel == probe_channel(shared) {
+        let seq = std::str::from_utf8(&payload)
+            .ok()
+            .and_then(|p| p.parse::<u64>().ok());
+        if let (Some(seq), Some((sent, _))) = (seq, *probe_sent)
+            && seq >= sent
+        {
+            *probe_sent = None;
+            shared.ready.store(true, Ordering::SeqCst);
+        }
+        return Ok(());
+    }
+    if let Some(room) = untag(&channel, names::ROOM_PREFIX) {
+        let known = shared
+            .rooms
+            .lock()
+            .get_key_value(room)
+            .map(|(r, l)| (r.clone(), *l));
+        let Some((room, last)) = known else {
+            return Ok(());
+        };
+        if payload.starts_with(br#"{"type":"presence_diff""#) {
+            match wire::decode_presence_diff(&payload, &room) {
+                Ok(diff) => shared.sink.presence(Arc::new(diff)),
+                Err(e) => wire::skip_bad_payload("redis", "presence diff", &e),
+            }
+            return Ok(());
+        }
+        match wire::decode_live_message(&payload, Some(&room), None) {
+            Ok((event, Some(prev))) if prev > last && event.id > last => {
+                // An earlier message never arrived live: read it from the stream first.
+                catch_up(shared, conn, &room, Some(event.id)).await?;
+                deliver(shared, Arc::new(event));
+            }
+            Ok((event, _)) => deliver(shared, Arc::new(event)),
+            Err(e) => wire::skip_bad_payload("redis", "room message", &e),
+        }
+    } else if untag(&channel, names::USER_PREFIX).is_some() {
+        match wire::decode_direct(&payload) {
+            Ok(msg) => shared.sink.direct(Arc::new(msg)),
+            Err(e) => wire::skip_bad_payload("redis", "direct message", &e),
+        }
+    }
+    Ok(())
+}
+
+/// Delivers a room event unless it was delivered already (ids only grow per room).
+fn deliver(shared: &ClusterShared, event: Arc<RoomEvent>) {
+    {
+        let mut rooms = shared.rooms.lock();
+        let Some(last) = rooms.get_mut(&event.msg.room) else {
+            return;
+        };
+        if event.id <= *last {
+            return;
+        }
+        *last = event.id;
+    }
+    shared.sink.room_event(event);
+}
+
+/// Reads what the room's stream holds after the last delivered id (through `through`) and
+/// delivers it, once the replicas confirm it; announces messages trimmed meanwhile.
+async fn catch_up(
+    shared: &ClusterShared,
+    conn: &mut ClusterConnection,
+    room: &RoomName,
+    through: Option<MessageId>,
+) -> RedisResult<()> {
+    const PAGE: usize = 500;
+    let tagged = tag(room);
+    let last = shared.rooms.lock().get(room).copied();
+    if let Some(last) = last
+        && last != MessageId::ZERO
+    {
+        let trimmed: Option<String> = redis::cmd("GET")
+            .arg(names::trimmed(&tagged))
+            .query_async(conn)
+            .await?;
+        if trimmed
+            .and_then(|t| t.parse::<MessageId>().ok())
+            .is_some_and(|t| t > last)
+        {
+            crate::telemetry::metric::catch_up_lost();
+            shared.sink.lost(room, last);
+        }
+    }
+    for _ in 0..1000 {
+        let last = shared.rooms.lock().get(room).copied();
+        let Some(last) = last else {
+            return Ok(());
+        };
+        if through.is_some_and(|t| t <= last) {
+            return Ok(());
+        }
+        let entries: Vec<Value> = redis::cmd("XRANGE")
+            .arg(names::stream(&tagged))
+            .arg(format!("({last}"))
+            .arg(through.map_or_else(|| "+".to_string(), |t| t.to_string()))
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(conn)
+            .await?;
+        let events = parse_entries(room, &entries);
+        if !events.is_empty() && !confirm(shared, conn, &tagged).await {
+            return Err(io_timeout("replica confirmation of the catch-up"));
+        }
+        for event in events {
+            deliver(shared, Arc::new(event));
+        }
+        if entries.len() < PAGE {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rooms_keys_share_its_hash_tag() {
+        let room = tag("public:lobby");
+        assert_eq!(names::stream(&room), "rt:stream:{public:lobby}");
+        assert_eq!(names::room_channel(&room), "rt:room:{public:lobby}");
+        assert_eq!(
+            presence_index("public:lobby", "i1"),
+            "rt:presence-of:{public:lobby}:i1"
+        );
+        assert_eq!(
+            untag("rt:room:{public:lobby}", names::ROOM_PREFIX),
+            Some("public:lobby")
+        );
+        assert_eq!(
+            Slot::for_key(names::stream(&room)),
+            Slot::for_key(names::room_channel(&room))
+        );
+        assert!(
+            PUBLISH.contains("redis.call('SPUBLISH'") && !PUBLISH.contains("redis.call('PUBLISH'")
+        );
+        assert!(LIVE_INSTANCES.contains("'rt:{instances}:'"));
+    }
+}
