@@ -385,6 +385,55 @@ async fn cluster_three_instances_and_sigkill_of_the_rooms_master_lose_no_acked_m
     drop((a, b, c));
 }
 
+/// A live migration of a busy room's slot to another master under steady publishing: every
+/// acked message reaches the subscriber on the other instance once, in order.
+#[tokio::test]
+async fn cluster_slot_migration_of_a_busy_room_loses_no_acked_message() {
+    if !require_redis() {
+        return;
+    }
+    let topo = ClusterTopology::start().await;
+    let cfg = cluster_toml(&topo);
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let room: &'static str = "public:cluster-moving";
+    let mut sub = b.user("sub").await;
+    sub.join(room).await;
+    let publisher = a.user("pub").await;
+    let total = Duration::from_secs(8);
+    let pubs = tokio::spawn(publish_steadily(publisher, room, total));
+    let listener = tokio::spawn(listen(sub, room, total + Duration::from_secs(3)));
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slot = topo.keyslot(&format!("rt:stream:{{{room}}}")).await;
+    let from = topo.master_of(slot).await;
+    let to = topo
+        .masters()
+        .await
+        .into_iter()
+        .find(|p| *p != from)
+        .expect("another master");
+    let took = topo.migrate_slot(slot, to).await;
+    assert_eq!(topo.master_of(slot).await, to, "the slot moved");
+
+    let log = pubs.await.expect("publisher");
+    let got = listener.await.expect("subscriber stayed connected");
+    println!(
+        "cluster: slot {slot} moved {from} -> {to} in {took:?} under traffic: \
+         publish outage {:?}, {} acked, {} refused, subscriber got {}",
+        log.outage,
+        log.acked.len(),
+        log.refused,
+        got.len()
+    );
+    assert!(
+        log.acked.len() > 100,
+        "publishing went on: {}",
+        log.acked.len()
+    );
+    check_delivery("B", &log.acked, &got);
+}
+
 #[tokio::test]
 async fn plain_url_redis_restart_reconnects_and_resumes() {
     if !require_redis() {

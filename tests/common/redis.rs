@@ -710,6 +710,52 @@ impl ClusterTopology {
         ))
     }
 
+    /// Moves `slot` and its keys from its master to the master on `to` while clients keep
+    /// using it: `SETSLOT IMPORTING`/`MIGRATING`, `MIGRATE` of the keys in batches, then
+    /// `SETSLOT NODE` on every master. Returns how long it took.
+    pub async fn migrate_slot(&self, slot: u16, to: u16) -> Duration {
+        let started = Instant::now();
+        let from = self.master_of(slot).await;
+        assert_ne!(from, to, "slot {slot} is on {to} already");
+        let id = |port: u16| async move {
+            redis_cmd::<String>(port, &["CLUSTER", "MYID"])
+                .await
+                .expect("CLUSTER MYID")
+        };
+        let (from_id, to_id) = (id(from).await, id(to).await);
+        let s = slot.to_string();
+        let ok = |r: anyhow::Result<String>, what: &str| {
+            r.unwrap_or_else(|e| self.fail(&format!("{what}: {e}")));
+        };
+        ok(
+            redis_cmd(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]).await,
+            "IMPORTING",
+        );
+        ok(
+            redis_cmd(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]).await,
+            "MIGRATING",
+        );
+        let to_port = to.to_string();
+        for _ in 0..10_000 {
+            let keys: Vec<String> = redis_cmd(from, &["CLUSTER", "GETKEYSINSLOT", &s, "100"])
+                .await
+                .expect("GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            ok(redis_cmd(from, &args).await, "MIGRATE");
+        }
+        for port in self.masters().await {
+            ok(
+                redis_cmd(port, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]).await,
+                "SETSLOT NODE",
+            );
+        }
+        started.elapsed()
+    }
+
     /// Panics with `msg` and the tail of every log.
     fn fail(&self, msg: &str) -> ! {
         let logs: Vec<String> = self.nodes.iter().map(|n| n.log_tail(15)).collect();
