@@ -816,6 +816,29 @@ mod tests {
     }
 
     #[test]
+    fn redis_modes_exclude_each_other() {
+        let cluster = "cluster_nodes = [\"127.0.0.1:7000\"]";
+        let ok = Config::from_toml_str(&format!("[broker]\nkind = \"redis\"\n[redis]\n{cluster}"));
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        for other in [
+            "url = \"redis://127.0.0.1:6379\"",
+            "sentinels = [\"127.0.0.1:26379\"]",
+        ] {
+            let e = Config::from_toml_str(&format!(
+                "[broker]\nkind = \"redis\"\n[redis]\n{cluster}\n{other}"
+            ))
+            .unwrap_err();
+            assert_eq!(e.key, "redis.cluster_nodes");
+            assert!(e.message.contains("redis.url") && e.message.contains("redis.sentinels"));
+        }
+        let e = Config::from_toml_str(&format!(
+            "[broker]\nkind = \"kafka\"\n[kafka]\nbrokers = [\"k:9092\"]\n[redis]\n{cluster}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "redis.cluster_nodes");
+    }
+
+    #[test]
     fn redaction_hides_secrets() {
         let c = Config::from_toml_str(
             "[auth]\njwt_secret = \"supersecret-supersecret-supersecret\"\napi_keys = [\"k1\"]",

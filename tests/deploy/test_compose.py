@@ -71,7 +71,8 @@ def config_check(rtgate_bin, path, extra_env=None):
 
 
 # (a) schema validity of both compose files (offline, vendored compose-spec schema).
-@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.redis.yml"])
+@pytest.mark.parametrize(
+    "name", ["docker-compose.yml", "docker-compose.redis.yml", "docker-compose.redis-cluster.yml"])
 def test_compose_schema(name):
     exe = Path(sys.executable).with_name("check-jsonschema")
     out = subprocess.run([str(exe), "--builtin-schema", "vendor.compose-spec", str(ROOT / name)],
@@ -285,3 +286,22 @@ def test_readme_security_section():
         assert item in checklist, f"production checklist lacks {item}"
     for metric in ("rtgate_connections_refused_total", "rtgate_limit_exceeded_total"):
         assert metric in sec
+
+
+# (e) the Redis Cluster compose file: 6 nodes on the ports its header names, joined with one
+# replica per master, and the rtgate settings it names are accepted by the binary.
+def test_compose_redis_cluster(rtgate_bin, tmp_path):
+    text = (ROOT / "docker-compose.redis-cluster.yml").read_text()
+    services = load("docker-compose.redis-cluster.yml")["services"]
+    ports = sorted(int(s["environment"]["NODE_PORT"]) for n, s in services.items()
+                   if n.startswith("redis-node-"))
+    assert ports == list(range(7000, 7006))
+    create = " ".join(services["cluster-create"]["command"])
+    assert all(f"127.0.0.1:{p}" in create for p in ports) and "--cluster-replicas 1" in create
+    nodes = re.search(r"RTGATE_REDIS__CLUSTER_NODES='([^']+)'", text).group(1)
+    assert all(int(a.split(":")[1]) in ports for a in json.loads(nodes))
+    path = tmp_path / "rtgate.toml"
+    path.write_text("")
+    cfg = config_check(rtgate_bin, path, {"RTGATE_BROKER__KIND": "redis",
+                                          "RTGATE_REDIS__CLUSTER_NODES": nodes})
+    assert cfg["redis"]["cluster_nodes"] == json.loads(nodes)

@@ -37,6 +37,10 @@ SCENARIOS = {
         "auth": {"jwtSecret": "a-test-secret-of-at-least-32-bytes", "apiKeys": ["k1", "k2"]},
     },
     "redis-url": {"redis": {"url": "redis://redis-master:6379"}},
+    "redis-cluster": {
+        "broker": {"kind": "redis"},
+        "redis": {"cluster": {"nodes": [f"redis-cluster-{i}.redis-cluster:6379" for i in range(6)]}},
+    },
     "kafka": {
         "broker": {"kind": "kafka"},
         "kafka": {"brokers": ["kafka-0:9092", "kafka-1:9092"],

@@ -91,7 +91,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* "true" when a Redis address (sentinels, url or bundled) is configured. */}}
 {{- define "rtgate.redisConfigured" -}}
-{{- if or .Values.redis.sentinels .Values.redis.url .Values.redis.bundled.enabled }}true{{ end }}
+{{- if or .Values.redis.sentinels .Values.redis.url .Values.redis.bundled.enabled .Values.redis.cluster.nodes }}true{{ end }}
 {{- end }}
 
 {{/* Duration string ("500ms", "20s", "5m", "1h") -> whole seconds, rounded up. */}}
@@ -116,7 +116,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "rtgate.validate" -}}
 {{- $kind := .Values.broker.kind }}
 {{- if and (eq $kind "redis") (not (include "rtgate.redisConfigured" .)) }}
-{{- fail "broker.kind=redis needs a Redis: set redis.sentinels (and redis.masterName), or redis.url, or redis.bundled.enabled=true. For a single-instance trial without Redis: --set broker.kind=memory --set replicaCount=1" }}
+{{- fail "broker.kind=redis needs a Redis: set redis.sentinels (and redis.masterName), or redis.url, or redis.cluster.nodes, or redis.bundled.enabled=true. For a single-instance trial without Redis: --set broker.kind=memory --set replicaCount=1" }}
 {{- end }}
 {{- if and (eq $kind "kafka") (not .Values.kafka.brokers) }}
 {{- fail "broker.kind=kafka needs kafka.brokers (bootstrap servers \"host:port\")" }}
