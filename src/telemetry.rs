@@ -214,6 +214,12 @@ pub mod metric {
         counter!("rtgate_dropped_frames_total", "policy" => "replay_buffer").increment(n);
     }
 
+    /// Redis Cluster: every wanted sharded channel subscribed again (a node dropped, a slot
+    /// moved, or a probe missed).
+    pub fn resubscribed() {
+        counter!("rtgate_broker_resubscribes_total").increment(1);
+    }
+
     /// An instance catching up a room from history found messages trimmed before it read
     /// them; its members got an overflow notice.
     pub fn catch_up_lost() {

@@ -382,6 +382,14 @@ async fn cluster_three_instances_and_sigkill_of_the_rooms_master_lose_no_acked_m
     );
     check_delivery("B", &log.acked, &got_b);
     check_delivery("C", &log.acked, &got_c);
+    for server in [&b, &c] {
+        assert!(
+            server
+                .metric_sum("rtgate_broker_resubscribes_total", "")
+                .await
+                >= 1.0
+        );
+    }
     drop((a, b, c));
 }
 

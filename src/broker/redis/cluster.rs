@@ -590,6 +590,7 @@ async fn serve(
     requests: &mut mpsc::UnboundedReceiver<Request>,
 ) {
     let mut resubscribe = true;
+    let mut first = true;
     let mut probe_seq: u64 = 0;
     let mut probe_sent: Option<(u64, Instant)> = None;
     let mut tick = tokio::time::interval(shared.probe_interval.min(shared.probe_timeout) / 2);
@@ -599,7 +600,12 @@ async fn serve(
         }
         if resubscribe {
             match resubscribe_all(shared, conn).await {
-                Ok(()) => resubscribe = false,
+                Ok(()) => {
+                    resubscribe = false;
+                    if !std::mem::take(&mut first) {
+                        crate::telemetry::metric::resubscribed();
+                    }
+                }
                 Err(e) => {
                     shared.ready.store(false, Ordering::SeqCst);
                     tracing::debug!(error = %e, "resubscribing on the cluster");
