@@ -131,6 +131,10 @@ pub struct LatencyArgs {
     /// Padding string length added to each message's data, in bytes.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// Rooms (`<room>-0` ... when more than one): the publisher sends to each in turn, the
+    /// subscriber is in all; order is checked per room.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -240,6 +244,7 @@ fn scenario_params(args: &BenchArgs) -> (&'static str, Value) {
                 "duration_s": a.duration.as_secs_f64(),
                 "warmup_s": a.warmup.as_secs_f64(),
                 "size": a.size,
+                "rooms": a.rooms,
             }),
         ),
         Scenario::Fanout(a) => (
@@ -387,6 +392,12 @@ async fn run_latency(ctx: &Ctx, a: &LatencyArgs) -> Result<Value> {
         humantime::format_duration(needed)
     );
 
+    ensure!(a.rooms >= 1, "--rooms must be at least 1");
+    let rooms: Vec<String> = if a.rooms == 1 {
+        vec![ctx.room.clone()]
+    } else {
+        (0..a.rooms).map(|i| format!("{}-{i}", ctx.room)).collect()
+    };
     let pub_target = &ctx.targets[0];
     let sub_target = &ctx.targets[ctx.targets.len() - 1];
     let (mut sub_ws, sub_welcome) = connect(
@@ -398,9 +409,11 @@ async fn run_latency(ctx: &Ctx, a: &LatencyArgs) -> Result<Value> {
     )
     .await
     .context("subscriber")?;
-    join(&mut sub_ws, &ctx.room, true, ctx.connect_timeout)
-        .await
-        .context("subscriber")?;
+    for room in &rooms {
+        join(&mut sub_ws, room, true, ctx.connect_timeout)
+            .await
+            .context("subscriber")?;
+    }
     let (mut pub_ws, pub_welcome) = connect(
         pub_target,
         &ctx.auth.token(0)?,
@@ -411,9 +424,11 @@ async fn run_latency(ctx: &Ctx, a: &LatencyArgs) -> Result<Value> {
     .await
     .context("publisher")?;
     // `self: false` so the publisher's socket does not also carry every message back.
-    join(&mut pub_ws, &ctx.room, false, ctx.connect_timeout)
-        .await
-        .context("publisher")?;
+    for room in &rooms {
+        join(&mut pub_ws, room, false, ctx.connect_timeout)
+            .await
+            .context("publisher")?;
+    }
     eprintln!(
         "bench latency: publisher on {} (instance {}), subscriber on {} (instance {}); {total} messages at {}/s",
         pub_target.url,
@@ -423,7 +438,7 @@ async fn run_latency(ctx: &Ctx, a: &LatencyArgs) -> Result<Value> {
         a.rate
     );
 
-    let recv = Arc::new(LatencyRecv::new(total));
+    let recv = Arc::new(LatencyRecv::new(total, rooms.len()));
     let log = Arc::new(PubLog::new(total, 2));
     let (sink, stream) = pub_ws.split();
     let mut tasks = JoinSet::new();
@@ -448,7 +463,7 @@ async fn run_latency(ctx: &Ctx, a: &LatencyArgs) -> Result<Value> {
         tokio::time::sleep_until(window_start.into()).await;
         meter.snapshot()
     });
-    let publisher = Publisher::new(sink, &ctx.room, a.size, log.clone(), ctx.clock)?;
+    let publisher = Publisher::new(sink, &rooms, a.size, log.clone(), ctx.clock)?;
     let plan = PacePlan {
         start,
         rate: a.rate,
@@ -520,8 +535,8 @@ fn achieved_rate(sent: u64, from: Instant, last_send: Option<Instant>, rate: f64
 /// What the latency subscriber has seen.
 struct LatencyRecv {
     seen: Vec<AtomicBool>,
-    /// Highest seq seen so far, plus one (0: none yet).
-    next_seq: AtomicU64,
+    /// Per room (message `seq % rooms`): highest seq seen so far, plus one (0: none yet).
+    next_seq: Vec<AtomicU64>,
     unique_measured: AtomicU64,
     duplicates: AtomicU64,
     out_of_order: AtomicU64,
@@ -532,10 +547,10 @@ struct LatencyRecv {
 }
 
 impl LatencyRecv {
-    fn new(total: u64) -> Self {
+    fn new(total: u64, rooms: usize) -> Self {
         Self {
             seen: (0..total).map(|_| AtomicBool::new(false)).collect(),
-            next_seq: AtomicU64::new(0),
+            next_seq: (0..rooms.max(1)).map(|_| AtomicU64::new(0)).collect(),
             unique_measured: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             out_of_order: AtomicU64::new(0),
@@ -553,10 +568,11 @@ impl LatencyRecv {
             self.duplicates.fetch_add(1, Relaxed);
             return;
         }
-        if d.seq + 1 < self.next_seq.load(Relaxed) {
+        let next_seq = &self.next_seq[(d.seq % self.next_seq.len() as u64) as usize];
+        if d.seq + 1 < next_seq.load(Relaxed) {
             self.out_of_order.fetch_add(1, Relaxed);
         } else {
-            self.next_seq.store(d.seq + 1, Relaxed);
+            next_seq.store(d.seq + 1, Relaxed);
         }
         if d.step == STEP_MEASURED {
             self.from_scheduled.record(now_ns.saturating_sub(d.t));
@@ -643,7 +659,13 @@ async fn run_fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Value> {
         ctx.events.clone(),
         ctx.clock,
     ));
-    let mut publisher = Publisher::new(sink, &ctx.room, a.size, log.clone(), ctx.clock)?;
+    let mut publisher = Publisher::new(
+        sink,
+        std::slice::from_ref(&ctx.room),
+        a.size,
+        log.clone(),
+        ctx.clock,
+    )?;
     // Let cross-instance subscriptions settle before the first step.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -1694,7 +1716,8 @@ struct PaceOutcome {
 
 struct Publisher {
     sink: SplitSink<Ws, Message>,
-    room_json: String,
+    /// The rooms, JSON-encoded; message `seq` goes to `rooms[seq % len]`.
+    room_json: Vec<String>,
     pad: String,
     log: Arc<PubLog>,
     clock: Clock,
@@ -1703,14 +1726,18 @@ struct Publisher {
 impl Publisher {
     fn new(
         sink: SplitSink<Ws, Message>,
-        room: &str,
+        rooms: &[String],
         size: usize,
         log: Arc<PubLog>,
         clock: Clock,
     ) -> Result<Self> {
+        ensure!(!rooms.is_empty(), "no room to publish to");
         Ok(Self {
             sink,
-            room_json: serde_json::to_string(room).context("encoding the room name")?,
+            room_json: rooms
+                .iter()
+                .map(|r| serde_json::to_string(r).context("encoding the room name"))
+                .collect::<Result<_>>()?,
             pad: "x".repeat(size),
             log,
             clock,
@@ -1775,7 +1802,7 @@ impl Publisher {
             }
             let frame = format!(
                 r#"{{"type":"message","room":{room},"ref":"{step}.{seq}","data":{{"seq":{seq},"k":{step},"t":{t},"st":{st},"pad":"{pad}"}}}}"#,
-                room = self.room_json,
+                room = self.room_json[(seq % self.room_json.len() as u64) as usize],
                 pad = self.pad,
             );
             if let Err(e) = handle.block_on(self.sink.send(Message::text(frame))) {
@@ -2191,6 +2218,37 @@ mod tests {
         assert!((s.p50 - 500.0).abs() < 5.0, "{}", s.p50);
         assert!((s.p99 - 990.0).abs() < 8.0, "{}", s.p99);
         assert_eq!(s.max, 1000.0);
+    }
+
+    #[test]
+    fn order_is_checked_per_room() {
+        let d = |seq| Delivery {
+            seq,
+            step: STEP_WARMUP,
+            t: 0,
+            st: 0,
+        };
+        // Two rooms: seq 0, 2, 4 in one, 1, 3, 5 in the other.
+        let recv = LatencyRecv::new(6, 2);
+        for seq in [1, 3, 0, 2, 5, 4] {
+            recv.record(&d(seq), 0);
+        }
+        assert_eq!(
+            recv.out_of_order.load(Relaxed),
+            0,
+            "each room stayed in order"
+        );
+        let one = LatencyRecv::new(6, 1);
+        for seq in [1, 3, 0, 2] {
+            one.record(&d(seq), 0);
+        }
+        assert_eq!(
+            one.out_of_order.load(Relaxed),
+            2,
+            "0 and 2 came after 3 in one room"
+        );
+        recv.record(&d(4), 0);
+        assert_eq!(recv.duplicates.load(Relaxed), 1);
     }
 
     #[test]
