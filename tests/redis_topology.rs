@@ -108,9 +108,24 @@ async fn cluster_comes_up_with_three_masters_and_fails_over_a_killed_one() {
     let slot = topo.keyslot("rt:stream:{public:lobby}").await;
     assert_eq!(slot, topo.keyslot("rt:room:{public:lobby}").await);
     let old = topo.master_of(slot).await;
-    let _: () = redis_cmd(old, &["SET", "{public:lobby}x", "1"])
+    // Written and confirmed by the replica (WAIT on the same connection) before the kill:
+    // replication is asynchronous, an unconfirmed write may die with the master.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{old}")).expect("client");
+    let mut con = client
+        .get_multiplexed_async_connection()
         .await
-        .expect("SET on the slot's master");
+        .expect("connect to the slot's master");
+    let (_, acked): ((), i64) = redis::pipe()
+        .cmd("SET")
+        .arg("{public:lobby}x")
+        .arg("1")
+        .cmd("WAIT")
+        .arg(1)
+        .arg(2000)
+        .query_async(&mut con)
+        .await
+        .expect("SET and WAIT on the slot's master");
+    assert_eq!(acked, 1, "the replica confirmed the write");
 
     topo.kill_node(old);
     let (new, took) = send(topo.wait_for_failover(slot, old, Duration::from_secs(15))).await;
