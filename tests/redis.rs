@@ -393,6 +393,51 @@ async fn cluster_three_instances_and_sigkill_of_the_rooms_master_lose_no_acked_m
     drop((a, b, c));
 }
 
+/// SIGSTOP of the master that owns a busy room's slot for 4 s (the cluster fails over meanwhile;
+/// the old master comes back as a replica): every acked message is delivered once, in order.
+#[tokio::test]
+async fn cluster_sigstop_of_the_rooms_master_loses_no_acked_message() {
+    if !require_redis() {
+        return;
+    }
+    let topo = ClusterTopology::start().await;
+    let cfg = cluster_toml(&topo);
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let room: &'static str = "public:cluster-frozen";
+    let mut sub = b.user("sub").await;
+    sub.join(room).await;
+    let publisher = a.user("pub").await;
+    let total = Duration::from_secs(14);
+    let pubs = tokio::spawn(publish_steadily(publisher, room, total));
+    let listener = tokio::spawn(listen(sub, room, total + Duration::from_secs(3)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slot = topo.keyslot(&format!("rt:stream:{{{room}}}")).await;
+    let old = topo.master_of(slot).await;
+    topo.signal_node(old, "-STOP");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    topo.signal_node(old, "-CONT");
+    let (new_master, failover) = topo
+        .wait_for_failover(slot, old, Duration::from_secs(15))
+        .await;
+    let log = pubs.await.expect("publisher");
+    let got = listener.await.expect("subscriber stayed connected");
+    println!(
+        "cluster: SIGSTOP 4 s of slot {slot}'s master {old} -> {new_master} ({failover:?} after \
+         SIGCONT): publish outage {:?}, {} acked, {} refused, subscriber got {}",
+        log.outage,
+        log.acked.len(),
+        log.refused,
+        got.len()
+    );
+    assert!(
+        log.acked.len() > 100,
+        "publishing went on: {}",
+        log.acked.len()
+    );
+    check_delivery("B", &log.acked, &got);
+}
+
 /// A live migration of a busy room's slot to another master under steady publishing: every
 /// acked message reaches the subscriber on the other instance once, in order.
 #[tokio::test]

@@ -673,6 +673,11 @@ impl ClusterTopology {
         self.nodes[i].kill();
     }
 
+    /// SIGSTOP (freeze) / SIGCONT the node on `port`.
+    pub fn signal_node(&self, port: u16, sig: &str) {
+        self.nodes[self.node_index(port)].signal(sig);
+    }
+
     /// Starts a killed node again (same port and cluster config file); it rejoins as a replica.
     pub async fn restart_node(&mut self, port: u16) {
         let i = self.node_index(port);

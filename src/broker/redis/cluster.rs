@@ -578,8 +578,109 @@ fn refuse_all(requests: &mut mpsc::UnboundedReceiver<Request>) {
     }
 }
 
-fn probe_channel(shared: &ClusterShared) -> String {
-    names::probe(&tag(&shared.instance_id))
+/// The self-probes: one channel per master (its hash tag picked in a slot range that master
+/// serves), so a shard whose sharded subscription went silent is noticed, not just one.
+#[derive(Default)]
+struct Probes {
+    /// Probe tag (`<instance>.<k>`) per master, refreshed from `CLUSTER SLOTS` between rounds.
+    tags: Vec<String>,
+    /// The masters' slot ranges the tags were picked for.
+    ranges: Vec<(String, (u16, u16))>,
+    seq: u64,
+    /// Channels whose probe of round `seq` has not come back yet, and when the round began.
+    pending: HashSet<String>,
+    sent_at: Option<Instant>,
+}
+
+/// The slot of a key (the CRC16 of its hash tag, as Redis Cluster computes it).
+fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = match (
+        key.find('{'),
+        key.find('{').and_then(|o| key[o + 1..].find('}')),
+    ) {
+        (Some(open), Some(len)) if len > 0 => &bytes[open + 1..open + 1 + len],
+        _ => bytes,
+    };
+    crc16::State::<crc16::XMODEM>::calculate(hashed) % 16384
+}
+
+impl Probes {
+    /// One tag per slot range that a master serves (ranges of one master share its tag).
+    async fn refresh(
+        &mut self,
+        shared: &ClusterShared,
+        conn: &mut ClusterConnection,
+    ) -> RedisResult<()> {
+        let reply = conn
+            .route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await?;
+        let ranges: Vec<Vec<Value>> = redis::from_redis_value(reply)?;
+        let mut masters: HashMap<String, (u16, u16)> = HashMap::new();
+        for range in &ranges {
+            let (Some(lo), Some(hi), Some(Value::Array(master))) =
+                (range.first(), range.get(1), range.get(2))
+            else {
+                continue;
+            };
+            let (Ok(lo), Ok(hi)) = (
+                redis::from_redis_value_ref::<u16>(lo),
+                redis::from_redis_value_ref::<u16>(hi),
+            ) else {
+                continue;
+            };
+            let addr = format!("{:?}", master.get(..2));
+            masters.entry(addr).or_insert((lo, hi));
+        }
+        let mut ranges: Vec<(String, (u16, u16))> = masters.into_iter().collect();
+        ranges.sort();
+        if ranges == self.ranges {
+            return Ok(());
+        }
+        let mut tags = Vec::new();
+        for (_, (lo, hi)) in &ranges {
+            // About 16384 / range-width tries on average; bounded.
+            let found = (0..200_000u32)
+                .map(|k| format!("{}.{k}", shared.instance_id))
+                .find(|t| (*lo..=*hi).contains(&key_slot(&tag(t))));
+            if let Some(t) = found {
+                tags.push(t);
+            }
+        }
+        tags.sort();
+        self.tags = tags;
+        self.ranges = ranges;
+        Ok(())
+    }
+
+    fn channels(&self) -> Vec<String> {
+        self.tags.iter().map(|t| names::probe(&tag(t))).collect()
+    }
+
+    /// A probe message came back on `channel`; true if it belongs to this instance.
+    fn came_back(&mut self, shared: &ClusterShared, channel: &str, payload: &[u8]) -> bool {
+        let mine = untag(channel, "rt:probe:").is_some_and(|t| {
+            t.strip_prefix(&*shared.instance_id)
+                .is_some_and(|r| r.starts_with('.'))
+        });
+        if !mine {
+            return false;
+        }
+        let seq = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.parse::<u64>().ok());
+        if seq.is_some_and(|s| s >= self.seq) {
+            self.pending.remove(channel);
+            if self.pending.is_empty() && self.sent_at.is_some() {
+                self.sent_at = None;
+                shared.ready.store(true, Ordering::SeqCst);
+            }
+        }
+        true
+    }
 }
 
 /// Serves one connection until the task should reconnect.
@@ -591,15 +692,18 @@ async fn serve(
 ) {
     let mut resubscribe = true;
     let mut first = true;
-    let mut probe_seq: u64 = 0;
-    let mut probe_sent: Option<(u64, Instant)> = None;
+    let mut probes = Probes::default();
+    if let Err(e) = probes.refresh(shared, conn).await {
+        tracing::warn!(error = %e, "cannot read the cluster's slots");
+        return;
+    }
     let mut tick = tokio::time::interval(shared.probe_interval.min(shared.probe_timeout) / 2);
     loop {
         if shared.closed.load(Ordering::SeqCst) {
             return;
         }
         if resubscribe {
-            match resubscribe_all(shared, conn).await {
+            match resubscribe_all(shared, conn, &probes.channels()).await {
                 Ok(()) => {
                     resubscribe = false;
                     if !std::mem::take(&mut first) {
@@ -628,7 +732,7 @@ async fn serve(
                 Some(push) => {
                     let failed = match push.kind {
                         PushKind::SMessage => {
-                            on_push(shared, conn, &push.data, &mut probe_sent).await.is_err()
+                            on_push(shared, conn, &push.data, &mut probes).await.is_err()
                         }
                         // A node connection dropped, or the server moved a channel's slot away.
                         PushKind::Disconnection | PushKind::SUnsubscribe => true,
@@ -638,30 +742,46 @@ async fn serve(
                 }
             },
             _ = tick.tick() => {
-                if let Some((_, at)) = probe_sent
-                    && at.elapsed() > shared.probe_timeout
-                {
-                    crate::telemetry::metric::probe_missed();
+                if let Some(at) = probes.sent_at {
+                    if at.elapsed() > shared.probe_timeout {
+                        // A shard's subscription is silent: subscribe everything again.
+                        crate::telemetry::metric::probe_missed();
+                        shared.ready.store(false, Ordering::SeqCst);
+                        probes.sent_at = None;
+                        probes.pending.clear();
+                        resubscribe = true;
+                    }
+                    continue;
+                }
+                // Between rounds: follow the masters, then probe each.
+                let before = probes.tags.clone();
+                if probes.refresh(shared, conn).await.is_err() {
                     shared.ready.store(false, Ordering::SeqCst);
-                    probe_sent = None;
+                    continue;
+                }
+                if probes.tags != before {
                     resubscribe = true;
                     continue;
                 }
-                if probe_sent.is_none() {
-                    probe_seq += 1;
+                probes.seq += 1;
+                let mut sent_all = true;
+                for t in &probes.tags {
                     let sent: Result<Value, _> = redis::cmd("EVAL")
                         .arg(PROBE.as_str())
                         .arg(2)
-                        .arg(names::probe_key(&tag(&shared.instance_id)))
-                        .arg(probe_channel(shared))
-                        .arg(probe_seq)
+                        .arg(names::probe_key(&tag(t)))
+                        .arg(names::probe(&tag(t)))
+                        .arg(probes.seq)
                         .arg(shared.probe_timeout.as_millis().max(1000) as u64)
                         .query_async(conn)
                         .await;
-                    match sent {
-                        Ok(_) => probe_sent = Some((probe_seq, Instant::now())),
-                        Err(_) => shared.ready.store(false, Ordering::SeqCst),
-                    }
+                    sent_all &= sent.is_ok();
+                }
+                if sent_all {
+                    probes.pending = probes.channels().into_iter().collect();
+                    probes.sent_at = Some(Instant::now());
+                } else {
+                    shared.ready.store(false, Ordering::SeqCst);
                 }
             }
         }
@@ -669,8 +789,14 @@ async fn serve(
 }
 
 /// Subscribes every wanted channel again (where its slot is now), then catches each room up.
-async fn resubscribe_all(shared: &ClusterShared, conn: &mut ClusterConnection) -> RedisResult<()> {
-    conn.ssubscribe(probe_channel(shared)).await?;
+async fn resubscribe_all(
+    shared: &ClusterShared,
+    conn: &mut ClusterConnection,
+    probe_channels: &[String],
+) -> RedisResult<()> {
+    for channel in probe_channels {
+        conn.ssubscribe(channel).await?;
+    }
     let rooms: Vec<RoomName> = shared.rooms.lock().keys().cloned().collect();
     for room in &rooms {
         conn.ssubscribe(names::room_channel(&tag(room))).await?;
@@ -758,7 +884,7 @@ async fn on_push(
     shared: &ClusterShared,
     conn: &mut ClusterConnection,
     data: &[Value],
-    probe_sent: &mut Option<(u64, Instant)>,
+    probes: &mut Probes,
 ) -> RedisResult<()> {
     let (Some(channel), Some(payload)) = (data.first(), data.get(1)) else {
         return Ok(());
@@ -769,16 +895,7 @@ async fn on_push(
     ) else {
         return Ok(());
     };
-    if channel == probe_channel(shared) {
-        let seq = std::str::from_utf8(&payload)
-            .ok()
-            .and_then(|p| p.parse::<u64>().ok());
-        if let (Some(seq), Some((sent, _))) = (seq, *probe_sent)
-            && seq >= sent
-        {
-            *probe_sent = None;
-            shared.ready.store(true, Ordering::SeqCst);
-        }
+    if probes.came_back(shared, &channel, &payload) {
         return Ok(());
     }
     if let Some(room) = untag(&channel, names::ROOM_PREFIX) {
@@ -911,5 +1028,12 @@ mod tests {
             PUBLISH.contains("redis.call('SPUBLISH'") && !PUBLISH.contains("redis.call('PUBLISH'")
         );
         assert!(LIVE_INSTANCES.contains("'rt:{instances}:'"));
+        // Redis's own examples: CLUSTER KEYSLOT.
+        assert_eq!(key_slot("123456789"), 12739);
+        assert_eq!(key_slot("{user1000}.following"), key_slot("user1000"));
+        assert_eq!(
+            key_slot("rt:stream:{public:lobby}"),
+            key_slot("public:lobby")
+        );
     }
 }
