@@ -220,8 +220,10 @@ impl Broker for ClusterBroker {
         let stream = names::stream(&room);
         let payload = wire::encode_message(&msg, true);
         // The scope starts with the room: tagged, its key lands in the room's slot.
-        let idempotency = idempotency::scope(&msg)
-            .map(|s| names::idempotency(&format!("{room}{}", &s[msg.room.len()..])));
+        let idempotency = idempotency::scope(&msg).map(|s| {
+            let rest = s.strip_prefix(&*msg.room).unwrap_or(&s);
+            names::idempotency(&format!("{room}{rest}"))
+        });
         let min_acks = self.shared.min_acks;
         let publish_now = min_acks == 0;
         let mut eval = redis::cmd("EVAL");
@@ -398,16 +400,7 @@ impl Registry for ClusterBroker {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(values
-            .iter()
-            .filter_map(|v| match wire::decode_presence(v.as_bytes()) {
-                Ok(entry) => Some(entry),
-                Err(e) => {
-                    wire::skip_bad_payload("redis", "presence entry", &e);
-                    None
-                }
-            })
-            .collect())
+        Ok(presence_entries(&values))
     }
 
     async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
@@ -471,11 +464,7 @@ impl Registry for ClusterBroker {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(infos
-            .iter()
-            .filter_map(|i| serde_json::from_str::<InstanceInfoOwned>(i).ok())
-            .map(InstanceInfo::from)
-            .collect())
+        Ok(instance_infos(&infos))
     }
 }
 

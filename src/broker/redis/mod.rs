@@ -430,16 +430,7 @@ impl Registry for RedisBroker {
             .query_async(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
-        Ok(values
-            .iter()
-            .filter_map(|v| match wire::decode_presence(v.as_bytes()) {
-                Ok(entry) => Some(entry),
-                Err(e) => {
-                    wire::skip_bad_payload("redis", "presence entry", &e);
-                    None
-                }
-            })
-            .collect())
+        Ok(presence_entries(&values))
     }
 
     async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
@@ -482,12 +473,31 @@ impl Registry for RedisBroker {
             .query_async(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
-        Ok(infos
-            .iter()
-            .filter_map(|i| serde_json::from_str::<InstanceInfoOwned>(i).ok())
-            .map(InstanceInfo::from)
-            .collect())
+        Ok(instance_infos(&infos))
     }
+}
+
+/// The stored presence entries of a room (`HVALS`); a bad one is skipped and counted.
+fn presence_entries(values: &[String]) -> Vec<PresenceEntry> {
+    values
+        .iter()
+        .filter_map(|v| match wire::decode_presence(v.as_bytes()) {
+            Ok(entry) => Some(entry),
+            Err(e) => {
+                wire::skip_bad_payload("redis", "presence entry", &e);
+                None
+            }
+        })
+        .collect()
+}
+
+/// The live instances' stored heartbeats; one that does not parse is left out.
+fn instance_infos(infos: &[String]) -> Vec<InstanceInfo> {
+    infos
+        .iter()
+        .filter_map(|i| serde_json::from_str::<InstanceInfoOwned>(i).ok())
+        .map(InstanceInfo::from)
+        .collect()
 }
 
 #[derive(Deserialize)]
