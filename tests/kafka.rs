@@ -28,8 +28,9 @@ fn kafka_toml(kafka: &KafkaServer, redis: Option<&RedisServer>) -> String {
 kind = "kafka"
 [kafka]
 brokers = ["{}"]
-# Long enough for a first produce on a loaded 2-core CI machine (connection, metadata, topic).
-publish_timeout = "3s"
+# Long enough for a first produce on a loaded 2-core CI machine (connection, metadata, topic),
+# short enough that a refusal comes within the tests' 3 s reply wait.
+publish_timeout = "2s"
 [kafka.properties]
 "batch.num.messages" = "1"
 [heartbeat]
