@@ -355,6 +355,12 @@ pub struct RedisConfig {
     pub master_name: String,
     pub password: String,
     pub sentinel_password: String,
+    /// TLS to the cluster nodes, or to the master and replicas found through Sentinel
+    /// (for one server, say `rediss://` in `url`).
+    pub tls: bool,
+    /// PEM file of the CA that signed the Redis servers' certificates, trusted instead of the
+    /// system's store (`url` and `cluster_nodes`).
+    pub tls_ca_file: String,
     pub db: i64,
     /// Serve `since` replay from a replica (the newest tail still comes from the master).
     pub read_from_replicas: bool,
@@ -383,6 +389,8 @@ impl Default for RedisConfig {
             master_name: "mymaster".to_string(),
             password: String::new(),
             sentinel_password: String::new(),
+            tls: false,
+            tls_ca_file: String::new(),
             db: 0,
             read_from_replicas: false,
             stream_maxlen: 10_000,
@@ -636,6 +644,26 @@ impl Config {
                 return Err(bad("redis.stream_maxlen", "must be at least 1"));
             }
         }
+        if self.redis.tls && !self.redis.url.is_empty() {
+            return Err(bad(
+                "redis.tls",
+                "is for redis.cluster_nodes and redis.sentinels; with redis.url, write rediss://",
+            ));
+        }
+        if !self.redis.tls_ca_file.is_empty() {
+            if !self.redis.sentinels.is_empty() {
+                return Err(bad(
+                    "redis.tls_ca_file",
+                    "is not supported with redis.sentinels (the system's trust store is used)",
+                ));
+            }
+            if let Err(e) = std::fs::read(&self.redis.tls_ca_file) {
+                return Err(bad(
+                    "redis.tls_ca_file",
+                    &format!("cannot read {}: {e}", self.redis.tls_ca_file),
+                ));
+            }
+        }
         if self.broker.kind == BrokerKind::Kafka {
             if self.kafka.brokers.is_empty() {
                 return Err(bad(
@@ -836,6 +864,42 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.key, "redis.cluster_nodes");
+    }
+
+    #[test]
+    fn redis_tls_keys_are_checked() {
+        let load = |redis: &str| {
+            Config::from_toml_str(&format!("[broker]\nkind = \"redis\"\n[redis]\n{redis}"))
+        };
+        let e = load("url = \"redis://r:6379\"\ntls = true").unwrap_err();
+        assert_eq!(e.key, "redis.tls");
+        assert!(e.message.contains("rediss://"), "{}", e.message);
+        let e =
+            load("cluster_nodes = [\"a:1\"]\ntls = true\ntls_ca_file = \"/nonexistent/ca.pem\"")
+                .unwrap_err();
+        assert_eq!(e.key, "redis.tls_ca_file");
+        assert!(e.message.contains("/nonexistent/ca.pem"), "{}", e.message);
+        let ca = tempfile_path("ca.pem");
+        std::fs::write(&ca, "pem").unwrap();
+        let e = load(&format!(
+            "sentinels = [\"s:26379\"]\ntls = true\ntls_ca_file = \"{ca}\""
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "redis.tls_ca_file");
+        let c = load(&format!(
+            "cluster_nodes = [\"a:1\"]\ntls = true\ntls_ca_file = \"{ca}\""
+        ))
+        .unwrap();
+        assert!(c.redis.tls);
+        let _ = std::fs::remove_file(&ca);
+    }
+
+    /// A file name in the temp dir, unique to this process.
+    fn tempfile_path(name: &str) -> String {
+        std::env::temp_dir()
+            .join(format!("rtgate-config-{}-{name}", std::process::id()))
+            .display()
+            .to_string()
     }
 
     #[test]

@@ -158,6 +158,10 @@ pub mod metric {
             "rtgate_broker_publish_seconds",
             "Time for the broker to store and fan out a publish"
         );
+        describe_histogram!(
+            "rtgate_broker_shard_publish_seconds",
+            "Redis Cluster: time to store and fan out a publish, by the master (shard) serving the room"
+        );
         describe_counter!(
             "rtgate_overflow_notices_total",
             "`overflow` notices sent: a room lost messages to a connection's overflow policy"
@@ -323,6 +327,12 @@ pub mod metric {
 
     pub fn publish_latency(elapsed: Duration) {
         histogram!("rtgate_broker_publish_seconds").record(elapsed.as_secs_f64());
+    }
+
+    /// Redis Cluster: one series per master (`host:port`), so one slow shard stands out.
+    pub fn shard_publish_latency(shard: &str, elapsed: Duration) {
+        histogram!("rtgate_broker_shard_publish_seconds", "shard" => shard.to_string())
+            .record(elapsed.as_secs_f64());
     }
 
     /// Periodic housekeeping of the exporter (histogram buckets).

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::redis::{ClusterTopology, RedisServer, SentinelTopology, require_redis};
+use common::redis::{ClusterTopology, RedisServer, SentinelTopology, TestCerts, require_redis};
 use common::{Client, Server, WAIT, messages_in};
 use serde_json::json;
 
@@ -390,6 +390,15 @@ async fn cluster_three_instances_and_sigkill_of_the_rooms_master_lose_no_acked_m
                 >= 1.0
         );
     }
+    // Publish latency per shard: the room's publishes were timed on the old master, then on
+    // the promoted one.
+    for port in [old, new_master] {
+        let shard = format!("shard=\"127.0.0.1:{port}\"");
+        let timed = a
+            .metric_sum("rtgate_broker_shard_publish_seconds_count", &shard)
+            .await;
+        assert!(timed >= 1.0, "no publish timed on {shard}");
+    }
     drop((a, b, c));
 }
 
@@ -587,4 +596,86 @@ async fn hostile_payloads_on_a_room_channel_are_skipped_and_counted() {
             .await,
         hostile.len() as f64
     );
+}
+
+/// Two instances over `cfg`: a room message from A reaches B, a direct message from B reaches
+/// A, and a `since` join on B replays what followed.
+async fn rooms_direct_and_replay_across(cfg: &str, room: &str) {
+    let a = Server::start(cfg).await;
+    let b = Server::start(cfg).await;
+    a.wait_stats(Duration::from_secs(15), |s| s["instances"] == 2)
+        .await;
+    let mut on_a = a.user("tls-a").await;
+    let mut on_b = b.user("tls-b").await;
+    on_b.join(room).await;
+    let first = on_a.publish(room, json!({"n": 1})).await;
+    let got = on_b
+        .recv_message(room, WAIT)
+        .await
+        .expect("B got A's message");
+    assert_eq!(got["id"], first.as_str());
+    let second = on_a.publish(room, json!({"n": 2})).await;
+    on_b.request_ok(json!({"type": "direct", "data": {"to": "tls-a", "hi": 1}}))
+        .await;
+    let direct = on_a
+        .recv_until(|v| v["type"] == "direct", WAIT)
+        .await
+        .expect("A got B's direct message");
+    assert_eq!(direct["data"]["hi"], 1);
+    let mut late = b.user("tls-late").await;
+    late.request_ok(json!({"type": "join", "room": room, "since": first}))
+        .await;
+    let frames = late.collect_for(Duration::from_millis(500)).await;
+    let replayed: Vec<String> = messages_in(&frames, room)
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(String::from))
+        .collect();
+    assert_eq!(replayed, [second], "{frames:?}");
+}
+
+/// TLS to Redis: one server through `rediss://` and a Cluster through `redis.tls`, each
+/// trusting only `redis.tls_ca_file`, carry rooms, direct messages and replay. Without that CA
+/// the server's certificate is refused: the instance stays unready.
+#[tokio::test]
+async fn tls_to_one_server_and_to_a_cluster_checks_the_certificate() {
+    if !require_redis() {
+        return;
+    }
+    let certs = TestCerts::generate();
+    let ca = certs.ca.display().to_string();
+    let server = RedisServer::start_tls(&certs).await;
+    let url = format!("rediss://127.0.0.1:{}", server.tls_port.expect("TLS port"));
+    let one =
+        format!("[broker]\nkind = \"redis\"\n[redis]\nurl = \"{url}\"\ntls_ca_file = \"{ca}\"\n");
+    rooms_direct_and_replay_across(&one, "public:tls-one").await;
+
+    let untrusted = Server::start(&format!(
+        "[broker]\nkind = \"redis\"\n[redis]\nurl = \"{url}\"\n"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        untrusted.get("/readyz").await.0,
+        503,
+        "{}",
+        untrusted.logs()
+    );
+    assert!(
+        untrusted.logs().contains("certificate"),
+        "the refusal names the certificate: {}",
+        untrusted.logs()
+    );
+
+    let topo = ClusterTopology::start_tls(&certs).await;
+    let nodes: Vec<String> = topo
+        .tls_seed_addrs()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    let cluster = format!(
+        "[broker]\nkind = \"redis\"\n[redis]\ncluster_nodes = [{}]\ntls = true\n\
+         tls_ca_file = \"{ca}\"\n",
+        nodes.join(", ")
+    );
+    rooms_direct_and_replay_across(&cluster, "public:tls-cluster").await;
 }

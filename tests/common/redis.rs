@@ -253,9 +253,104 @@ fn server_conf(dir: &Path, name: &str, port: u16, master: Option<u16>) -> String
     conf
 }
 
+/// A throwaway CA and a server certificate for 127.0.0.1 signed by it (openssl CLI).
+pub struct TestCerts {
+    pub ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCerts {
+    pub fn generate() -> TestCerts {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = |f: &str| dir.path().join(f);
+        std::fs::write(at("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write san.ext");
+        let steps: [&[&str]; 3] = [
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=rtgate-test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ],
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "server.crt",
+            ],
+        ];
+        for args in steps {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        TestCerts {
+            ca: at("ca.crt"),
+            cert: at("server.crt"),
+            key: at("server.key"),
+            _dir: dir,
+        }
+    }
+
+    /// redis.conf lines: TLS on `tls_port` (beside the plain port, which the harness keeps
+    /// using), for replication and the cluster bus too; clients need no certificate.
+    fn server_conf(&self, tls_port: u16) -> String {
+        format!(
+            "tls-port {tls_port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients no\ntls-replication yes\n",
+            self.cert.display(),
+            self.key.display(),
+            self.ca.display()
+        )
+    }
+}
+
 /// One standalone redis-server process.
 pub struct RedisServer {
     pub port: u16,
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    pub tls_port: Option<u16>,
     node: Node,
     _dir: tempfile::TempDir, // declared after `node`: the process dies before its dir goes
 }
@@ -268,6 +363,22 @@ impl RedisServer {
         let node = Node::start(path, "standalone", "redis-server", conf).await;
         RedisServer {
             port: node.port,
+            tls_port: None,
+            node,
+            _dir: dir,
+        }
+    }
+
+    /// A standalone server that also listens with TLS (certificate from `certs`).
+    pub async fn start_tls(certs: &TestCerts) -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path();
+        let tls_port = free_port();
+        let conf = |p| server_conf(path, "standalone", p, None) + &certs.server_conf(tls_port);
+        let node = Node::start(path, "standalone", "redis-server", conf).await;
+        RedisServer {
+            port: node.port,
+            tls_port: Some(tls_port),
             node,
             _dir: dir,
         }
@@ -532,6 +643,8 @@ impl SentinelTopology {
 /// `redis-cli --cluster create --cluster-replicas 1`, so 3 masters with one replica each.
 pub struct ClusterTopology {
     nodes: Vec<Node>,
+    /// The nodes' TLS ports (in node order), when started with [`ClusterTopology::start_tls`].
+    tls_ports: Vec<u16>,
     _dir: tempfile::TempDir, // declared last: dropped after every process
 }
 
@@ -539,23 +652,41 @@ impl ClusterTopology {
     /// Starts the nodes, creates the cluster and returns once every node reports
     /// `cluster_state:ok` with all slots assigned and 6 known nodes (20 s at most).
     pub async fn start() -> ClusterTopology {
+        Self::start_with(None).await
+    }
+
+    /// The same cluster, its nodes also listening with TLS (clients, replication and the
+    /// cluster bus); the harness itself keeps to the plain ports.
+    pub async fn start_tls(certs: &TestCerts) -> ClusterTopology {
+        Self::start_with(Some(certs)).await
+    }
+
+    async fn start_with(certs: Option<&TestCerts>) -> ClusterTopology {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().to_path_buf();
         let mut topo = ClusterTopology {
             nodes: Vec::new(),
+            tls_ports: Vec::new(),
             _dir: dir,
         };
         for i in 1..=6 {
             let name = format!("node{i}");
+            let tls = certs.map(|c| (c, free_port()));
             let conf = |p| {
-                server_conf(&path, &name, p, None)
+                let mut conf = server_conf(&path, &name, p, None)
                     + &format!(
                         "cluster-enabled yes\ncluster-config-file {name}-cluster.conf\n\
                          cluster-node-timeout 1000\ncluster-announce-ip 127.0.0.1\n"
-                    )
+                    );
+                if let Some((certs, tls_port)) = tls {
+                    conf += &certs.server_conf(tls_port);
+                    conf += "tls-cluster yes\n";
+                }
+                conf
             };
             let node = Node::start_on(&path, &name, "redis-server", conf, free_cluster_port).await;
             topo.nodes.push(node);
+            topo.tls_ports.extend(tls.map(|(_, p)| p));
         }
         let addrs = topo.seed_addrs();
         let out = Command::new("redis-cli")
@@ -603,6 +734,14 @@ impl ClusterTopology {
         self.nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// "127.0.0.1:TLS_PORT" of every node (empty unless started with TLS).
+    pub fn tls_seed_addrs(&self) -> Vec<String> {
+        self.tls_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
             .collect()
     }
 

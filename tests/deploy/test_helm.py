@@ -39,7 +39,8 @@ SCENARIOS = {
     "redis-url": {"redis": {"url": "redis://redis-master:6379"}},
     "redis-cluster": {
         "broker": {"kind": "redis"},
-        "redis": {"cluster": {"nodes": [f"redis-cluster-{i}.redis-cluster:6379" for i in range(6)]}},
+        "redis": {"cluster": {"nodes": [f"redis-cluster-{i}.redis-cluster:6379" for i in range(6)]},
+                  "tls": {"enabled": True}},
     },
     "kafka": {
         "broker": {"kind": "kafka"},
@@ -488,6 +489,20 @@ def test_public_key_from_existing_secret(chart, rtgate_bin, tmp_path):
         "RTGATE_AUTH__JWT_SECRET"]["valueFrom"]["secretKeyRef"]
     with pytest.raises(helm.HelmError, match="only one of publicKey and existingPublicKeySecret"):
         render(chart, merge(values, {"auth": {"publicKey": PEM}}))
+
+
+def test_redis_tls_ca_from_existing_secret(chart):
+    values = merge(SCENARIOS["redis-cluster"], {"redis": {"tls": {"existingCaSecret": "redis-ca"}}})
+    docs = render(chart, values)
+    redis = toml_of(docs)["redis"]
+    assert redis["tls"] is True
+    volume, name = mounted_file(docs, redis["tls_ca_file"])
+    assert volume["secret"]["secretName"] == "redis-ca"
+    assert [i["key"] for i in volume["secret"]["items"]] == [name] == ["ca.crt"]
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    assert "tls_ca_file" not in toml_of(render(chart, SCENARIOS["redis-cluster"]))["redis"]
 
 
 @pytest.mark.parametrize("values, path", [

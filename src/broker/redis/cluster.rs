@@ -90,6 +90,21 @@ struct ClusterShared {
     probe_interval: Duration,
     probe_timeout: Duration,
     closed: AtomicBool,
+    /// Slot ranges and the address of the master serving each (from `CLUSTER SLOTS`, refreshed
+    /// between probe rounds): labels the per-shard publish latency.
+    shards: RwLock<Vec<(u16, u16, Arc<str>)>>,
+}
+
+impl ClusterShared {
+    /// The master that served `slot` at the last refresh (`"?"` before the first).
+    fn shard_of(&self, slot: u16) -> Arc<str> {
+        self.shards
+            .read()
+            .iter()
+            .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
+            .map(|(_, _, addr)| addr.clone())
+            .unwrap_or_else(|| Arc::from("?"))
+    }
 }
 
 pub struct ClusterBroker {
@@ -126,6 +141,7 @@ impl ClusterBroker {
             probe_interval: broker.probe_interval,
             probe_timeout: broker.probe_timeout,
             closed: AtomicBool::new(false),
+            shards: RwLock::default(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let requests = Handoff::new(rx);
@@ -182,38 +198,9 @@ impl ClusterBroker {
         }
         .boxed()
     }
-}
 
-/// `WAIT` on the master of `key`'s slot: the writes of this connection to that node.
-async fn wait_on_master(
-    conn: &mut ClusterConnection,
-    key: &str,
-    min_acks: u32,
-    timeout: Duration,
-) -> Result<i64, RedisError> {
-    let mut wait = redis::cmd("WAIT");
-    wait.arg(min_acks).arg(timeout.as_millis() as u64);
-    let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
-    let reply = conn
-        .route_command(
-            wait,
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-        )
-        .await?;
-    Ok(redis::from_redis_value(reply)?)
-}
-
-#[async_trait::async_trait]
-impl Broker for ClusterBroker {
-    fn kind(&self) -> &'static str {
-        "redis"
-    }
-
-    fn is_ready(&self) -> bool {
-        self.shared.ready.load(Ordering::SeqCst)
-    }
-
-    async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
+    /// Stores (with the idempotency check) and publishes on the room's master, in one script.
+    async fn publish_on_shard(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
         let mut conn = self.conn()?;
         let cfg = &self.shared.cfg;
         let room = tag(&msg.room);
@@ -270,6 +257,47 @@ impl Broker for ClusterBroker {
             }
         }
         Ok(id)
+    }
+}
+
+/// `WAIT` on the master of `key`'s slot: the writes of this connection to that node.
+async fn wait_on_master(
+    conn: &mut ClusterConnection,
+    key: &str,
+    min_acks: u32,
+    timeout: Duration,
+) -> Result<i64, RedisError> {
+    let mut wait = redis::cmd("WAIT");
+    wait.arg(min_acks).arg(timeout.as_millis() as u64);
+    let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+    let reply = conn
+        .route_command(
+            wait,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+        )
+        .await?;
+    Ok(redis::from_redis_value(reply)?)
+}
+
+#[async_trait::async_trait]
+impl Broker for ClusterBroker {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst)
+    }
+
+    async fn publish(&self, msg: RoomMessage) -> Result<MessageId, BrokerError> {
+        let started = Instant::now();
+        let slot = key_slot(&names::stream(&tag(&msg.room)));
+        let published = self.publish_on_shard(msg).await;
+        if published.is_ok() {
+            let shard = self.shared.shard_of(slot);
+            crate::telemetry::metric::shard_publish_latency(&shard, started.elapsed());
+        }
+        published
     }
 
     fn subscribe(&self, room: &RoomName) -> Subscribed {
@@ -497,7 +525,7 @@ fn client(
     let urls: Vec<String> = cfg
         .cluster_nodes
         .iter()
-        .map(|n| format!("redis://{n}/?protocol=3"))
+        .map(|n| format!("{}://{n}/?protocol=3", connect::node_scheme(cfg)))
         .collect();
     let mut builder = ClusterClientBuilder::new(urls)
         .use_protocol(redis::ProtocolVersion::RESP3)
@@ -506,6 +534,12 @@ fn client(
         .response_timeout(cfg.command_timeout);
     if !cfg.password.is_empty() {
         builder = builder.password(cfg.password.clone());
+    }
+    if cfg.tls {
+        builder = builder.tls(redis::TlsMode::Secure);
+    }
+    if let Some(certs) = connect::tls_certificates(cfg)? {
+        builder = builder.certs(certs);
     }
     builder.build()
 }
@@ -581,6 +615,19 @@ struct Probes {
     sent_at: Option<Instant>,
 }
 
+/// `host:port` of a node in a `CLUSTER SLOTS` entry (`[host, port, id, ...]`).
+fn node_addr(node: &[Value]) -> String {
+    let host = node
+        .first()
+        .and_then(|h| redis::from_redis_value_ref::<String>(h).ok())
+        .unwrap_or_default();
+    let port = node
+        .get(1)
+        .and_then(|p| redis::from_redis_value_ref::<u16>(p).ok())
+        .unwrap_or_default();
+    format!("{host}:{port}")
+}
+
 /// The slot of a key (the CRC16 of its hash tag, as Redis Cluster computes it).
 fn key_slot(key: &str) -> u16 {
     let bytes = key.as_bytes();
@@ -609,6 +656,7 @@ impl Probes {
             .await?;
         let ranges: Vec<Vec<Value>> = redis::from_redis_value(reply)?;
         let mut masters: HashMap<String, (u16, u16)> = HashMap::new();
+        let mut shards = Vec::new();
         for range in &ranges {
             let (Some(lo), Some(hi), Some(Value::Array(master))) =
                 (range.first(), range.get(1), range.get(2))
@@ -621,9 +669,11 @@ impl Probes {
             ) else {
                 continue;
             };
-            let addr = format!("{:?}", master.get(..2));
+            let addr = node_addr(master);
+            shards.push((lo, hi, Arc::from(addr.as_str())));
             masters.entry(addr).or_insert((lo, hi));
         }
+        *shared.shards.write() = shards;
         let mut ranges: Vec<(String, (u16, u16))> = masters.into_iter().collect();
         ranges.sort();
         if ranges == self.ranges {

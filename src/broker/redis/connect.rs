@@ -22,7 +22,7 @@ pub(super) async fn connect(shared: &Shared) -> Result<Connected, RedisError> {
     let cfg = &shared.cfg;
     let timeout = cfg.command_timeout;
     let (client, replicas, sentinel_client) = if cfg.sentinels.is_empty() {
-        (Client::open(cfg.url.as_str())?, Vec::new(), None)
+        (open_url(cfg)?, Vec::new(), None)
     } else {
         discover(cfg).await?
     };
@@ -80,6 +80,32 @@ pub(super) async fn connect(shared: &Shared) -> Result<Connected, RedisError> {
     })
 }
 
+/// The client for `redis.url`, trusting `redis.tls_ca_file` when it is set.
+pub(super) fn open_url(cfg: &RedisConfig) -> Result<Client, RedisError> {
+    match tls_certificates(cfg)? {
+        Some(certs) => Client::build_with_tls(cfg.url.as_str(), certs),
+        None => Client::open(cfg.url.as_str()),
+    }
+}
+
+/// `redis.tls_ca_file` as the only trusted root, when it is set.
+pub(super) fn tls_certificates(
+    cfg: &RedisConfig,
+) -> Result<Option<redis::TlsCertificates>, RedisError> {
+    if cfg.tls_ca_file.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(std::fs::read(&cfg.tls_ca_file)?),
+    }))
+}
+
+/// `rediss` when `redis.tls` asks for TLS to the nodes, else `redis`.
+pub(super) fn node_scheme(cfg: &RedisConfig) -> &'static str {
+    if cfg.tls { "rediss" } else { "redis" }
+}
+
 pub(super) fn io_timeout(what: &str) -> RedisError {
     RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
@@ -100,15 +126,18 @@ pub(super) async fn discover(
     let urls: Vec<String> = cfg
         .sentinels
         .iter()
-        .map(|s| format!("redis://{auth}{s}"))
+        .map(|s| format!("{}://{auth}{s}", node_scheme(cfg)))
         .collect();
     let mut sentinel = redis::sentinel::Sentinel::build(urls.clone())?;
     let mut node = redis::RedisConnectionInfo::default().set_db(cfg.db);
     if !cfg.password.is_empty() {
         node = node.set_password(&cfg.password);
     }
-    let node =
+    let mut node =
         redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+    if cfg.tls {
+        node = node.set_tls_mode(redis::TlsMode::Secure);
+    }
     let timeout = cfg.command_timeout * 3;
     let master = tokio::time::timeout(
         timeout,
