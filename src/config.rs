@@ -25,6 +25,27 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     pub redis: RedisConfig,
     pub kafka: KafkaConfig,
+    pub webhooks: WebhooksConfig,
+    pub api: ApiConfig,
+}
+
+/// Limits of the server API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Rooms one `POST /api/v1/broadcast` may name in `rooms`.
+    pub max_broadcast_rooms: usize,
+    /// Largest `limit` of a history or rooms page.
+    pub max_page: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_broadcast_rooms: 100,
+            max_page: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -237,10 +258,24 @@ pub enum RoomPolicy {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
+    /// Rooms no rule matches: `allow` (any user) or `deny` (admins only).
     pub policy: RoomPolicy,
     /// Presence entries one room holds at most (all instances); `track` beyond gets
     /// `limit_exceeded`.
     pub max_presence_per_room: usize,
+    /// Who may join rooms by name prefix; the longest matching prefix wins. After these,
+    /// `public:` is public and `private:<user>` belongs to that user.
+    pub rules: Vec<RoomRule>,
+    /// The app's endpoint asked on `join` by rules with `policy = "hook"` that name no URL.
+    pub authorize_url: String,
+    /// How long the endpoint may take; slower is `unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub authorize_timeout: Duration,
+    /// How long an allow or deny is reused for the same user and room (0: ask every time).
+    #[serde(with = "humantime_serde")]
+    pub authorize_cache: Duration,
+    /// Answers cached at most (oldest forgotten first).
+    pub authorize_cache_max: usize,
 }
 
 impl Default for RoomsConfig {
@@ -248,6 +283,69 @@ impl Default for RoomsConfig {
         Self {
             policy: RoomPolicy::Allow,
             max_presence_per_room: 1000,
+            rules: Vec::new(),
+            authorize_url: String::new(),
+            authorize_timeout: Duration::from_secs(2),
+            authorize_cache: Duration::from_secs(30),
+            authorize_cache_max: 100_000,
+        }
+    }
+}
+
+/// Access to the rooms whose name starts with `prefix`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomRule {
+    pub prefix: String,
+    pub policy: RulePolicy,
+    /// For `policy = "hook"`: the endpoint to ask (else `rooms.authorize_url`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub authorize_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RulePolicy {
+    /// Any authenticated user.
+    Public,
+    /// The user whose id follows the prefix (`private:<user>`), and admins.
+    Owner,
+    /// Admins only.
+    Admin,
+    /// The app's backend decides (`authorize_url`); admins always may.
+    Hook,
+}
+
+/// Webhooks to the app's backend: room occupied/vacated (across instances), presence
+/// join/leave; batched, signed, retried, bounded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Where events are POSTed; empty: webhooks off.
+    pub url: String,
+    /// Key of the `X-Rtgate-Signature` HMAC (at least 16 bytes).
+    pub secret: String,
+    /// At most one POST per interval; events meanwhile are batched.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Events per POST at most.
+    pub batch_max: usize,
+    /// Events waiting at most; beyond, new ones are dropped and counted.
+    pub queue_max: usize,
+    /// Timeout of one POST.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            secret: String::new(),
+            interval: Duration::from_secs(1),
+            batch_max: 100,
+            queue_max: 10_000,
+            timeout: Duration::from_secs(5),
         }
     }
 }
@@ -678,6 +776,65 @@ impl Config {
                 return Err(bad("kafka.replication_factor", "must be at least 1"));
             }
         }
+        let http_url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        for (i, rule) in self.rooms.rules.iter().enumerate() {
+            if rule.prefix.is_empty() || !rule.prefix.bytes().all(crate::protocol::room_byte) {
+                return Err(bad(
+                    &format!("rooms.rules.{i}.prefix"),
+                    "must be 1 or more of [A-Za-z0-9:_.@-]",
+                ));
+            }
+            if !rule.authorize_url.is_empty() && !http_url(&rule.authorize_url) {
+                return Err(bad(
+                    &format!("rooms.rules.{i}.authorize_url"),
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if rule.policy == RulePolicy::Hook
+                && rule.authorize_url.is_empty()
+                && self.rooms.authorize_url.is_empty()
+            {
+                return Err(bad(
+                    &format!("rooms.rules.{i}.authorize_url"),
+                    "policy \"hook\" needs authorize_url here or rooms.authorize_url",
+                ));
+            }
+        }
+        if !self.rooms.authorize_url.is_empty() && !http_url(&self.rooms.authorize_url) {
+            return Err(bad(
+                "rooms.authorize_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if self.rooms.authorize_timeout.is_zero() {
+            return Err(bad("rooms.authorize_timeout", "must be more than 0"));
+        }
+        if !self.webhooks.url.is_empty() {
+            if !http_url(&self.webhooks.url) {
+                return Err(bad("webhooks.url", "must be an http:// or https:// URL"));
+            }
+            if self.webhooks.secret.len() < 16 {
+                return Err(bad(
+                    "webhooks.secret",
+                    "at least 16 bytes are needed to sign the webhooks",
+                ));
+            }
+        }
+        if self.api.max_broadcast_rooms == 0 {
+            return Err(bad("api.max_broadcast_rooms", "must be at least 1"));
+        }
+        if self.api.max_page == 0 {
+            return Err(bad("api.max_page", "must be at least 1"));
+        }
+        if self.webhooks.interval.is_zero() {
+            return Err(bad("webhooks.interval", "must be more than 0"));
+        }
+        if self.webhooks.batch_max == 0 {
+            return Err(bad("webhooks.batch_max", "must be at least 1"));
+        }
+        if self.webhooks.timeout.is_zero() {
+            return Err(bad("webhooks.timeout", "must be more than 0"));
+        }
         if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
             return Err(bad("telemetry.sample_ratio", "must be between 0 and 1"));
         }
@@ -776,6 +933,7 @@ impl Config {
         for secret in [
             &mut shown.redis.password,
             &mut shown.redis.sentinel_password,
+            &mut shown.webhooks.secret,
         ] {
             if !secret.is_empty() {
                 *secret = REDACTED.to_string();

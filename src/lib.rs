@@ -12,6 +12,7 @@ pub mod http;
 pub mod protocol;
 pub mod supervise;
 pub mod telemetry;
+pub mod webhooks;
 
 /// The version reported in heartbeats, stats and telemetry.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -255,7 +255,7 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         registry,
         hub,
         local.to_string(),
-    ));
+    )?);
 
     // Announce this instance before anyone can ask /api/v1/stats. An unreachable broker does
     // not stop the start: /readyz answers 503 until it is reachable.
@@ -306,6 +306,29 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             || {},
         );
     }
+    // The occupancy index (rooms listing, occupied/vacated) and the webhook sender.
+    {
+        let (gw, stop) = (gw.clone(), stop.clone());
+        rtgate::supervise::spawn(
+            "occupancy",
+            move || {
+                let (gw, stop) = (gw.clone(), stop.clone());
+                async move {
+                    gw.run_occupancy(stop.clone()).await;
+                    if stop.is_cancelled() {
+                        rtgate::supervise::Exit::Done
+                    } else {
+                        rtgate::supervise::Exit::Failed
+                    }
+                }
+            },
+            || {},
+        );
+    }
+    let webhooks = tokio::spawn(gw.webhooks.clone().run(
+        stop.clone(),
+        config.shutdown.grace.min(Duration::from_secs(5)),
+    ));
     let drained = CancellationToken::new();
     let shutdown = {
         let gw = gw.clone();
@@ -314,6 +337,7 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             wait_for_signal().await;
             tracing::info!("shutdown signal received");
             gw.drain(gw.config.shutdown.grace).await;
+            gw.flush_occupancy(Duration::from_secs(2)).await;
             drained.cancel();
         }
     };
@@ -346,6 +370,7 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     if let Some(task) = jwks_refresh {
         let _ = task.await;
     }
+    let _ = webhooks.await;
     tracing::info!("stopped");
     Ok(())
 }

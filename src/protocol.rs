@@ -56,6 +56,11 @@ pub const ROOM_RULE: &str = "room names are 1 to 200 bytes of [A-Za-z0-9:_.@-], 
      every byte but [A-Za-z0-9-] counts three";
 
 /// A room name is 1 to 200 bytes of `[A-Za-z0-9:_.@-]` that fits a Kafka topic name.
+/// A byte a room name may hold: `[A-Za-z0-9:_.@-]`.
+pub fn room_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'.' | b'@' | b'-')
+}
+
 pub fn valid_room(name: &str) -> bool {
     let mut escaped = 0;
     for b in name.bytes() {

@@ -158,6 +158,30 @@ pub mod metric {
             "rtgate_broker_publish_seconds",
             "Time for the broker to store and fan out a publish"
         );
+        describe_counter!(
+            "rtgate_webhook_events_sent_total",
+            "Webhook events the receiver accepted (2xx)"
+        );
+        describe_counter!(
+            "rtgate_webhook_events_dropped_total",
+            "Webhook events dropped: the queue was full (webhooks.queue_max), or unsent at shutdown"
+        );
+        describe_counter!(
+            "rtgate_webhook_failures_total",
+            "Webhook POSTs that failed (error, timeout or non-2xx); the batch is retried"
+        );
+        describe_counter!(
+            "rtgate_authorize_requests_total",
+            "Join authorization requests to the app's backend, by outcome (allow, deny, error)"
+        );
+        describe_histogram!(
+            "rtgate_authorize_seconds",
+            "Time the app's backend took to answer a join authorization"
+        );
+        describe_counter!(
+            "rtgate_api_requests_total",
+            "Server API calls, by call and HTTP status"
+        );
         describe_histogram!(
             "rtgate_broker_shard_publish_seconds",
             "Redis Cluster: time to store and fan out a publish, by the master (shard) serving the room"
@@ -327,6 +351,32 @@ pub mod metric {
 
     pub fn publish_latency(elapsed: Duration) {
         histogram!("rtgate_broker_publish_seconds").record(elapsed.as_secs_f64());
+    }
+
+    pub fn webhook_sent(events: u64) {
+        counter!("rtgate_webhook_events_sent_total").increment(events);
+    }
+
+    pub fn webhook_dropped(events: u64) {
+        counter!("rtgate_webhook_events_dropped_total").increment(events);
+    }
+
+    pub fn webhook_failed() {
+        counter!("rtgate_webhook_failures_total").increment(1);
+    }
+
+    /// `outcome`: allow, deny or error.
+    pub fn authorized(outcome: &'static str) {
+        counter!("rtgate_authorize_requests_total", "outcome" => outcome).increment(1);
+    }
+
+    pub fn authorize_latency(elapsed: Duration) {
+        histogram!("rtgate_authorize_seconds").record(elapsed.as_secs_f64());
+    }
+
+    pub fn api_request(call: &'static str, status: u16) {
+        counter!("rtgate_api_requests_total", "call" => call, "status" => status.to_string())
+            .increment(1);
     }
 
     /// Redis Cluster: one series per master (`host:port`), so one slow shard stands out.

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rtgate::broker::{
-    Broker, Deliver, DirectMessage, InstanceInfo, MessageId, MessageKind, Origin, PresenceDiff,
-    PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName,
+    Broker, Deliver, DirectMessage, Edge, InstanceInfo, MessageId, MessageKind, Occupant, Origin,
+    PresenceDiff, PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName,
 };
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
@@ -67,6 +67,8 @@ impl Recording {
 }
 
 struct Instance {
+    /// The instance id the broker was started with (what its heartbeats must carry).
+    id: String,
     broker: Arc<dyn Broker>,
     /// Presence and instances (the same object as `broker` but for Kafka).
     registry: Arc<dyn Registry>,
@@ -305,6 +307,7 @@ async fn direct_reaches_the_users_instance_only(a: &Instance, b: &Instance) {
     b.broker.subscribe_user(&user).await.unwrap();
     a.broker
         .send_direct(DirectMessage {
+            kind: rtgate::broker::DirectKind::Message,
             to: user.clone(),
             data: raw(r#"{"to":"x","hello":true}"#),
             sender_id: "u1".into(),
@@ -379,6 +382,82 @@ async fn heartbeats_list_instances(a: &Instance) {
     assert!(a.broker.is_ready() && a.registry.is_ready());
 }
 
+/// The occupancy index: exactly one first-in and one last-out edge per room or user, counts
+/// summed over the live instances, rooms by name from a cursor. `b` is a second instance, or
+/// `None` when both names stand for one process.
+async fn occupancy_counts_edges_and_rooms(a: &Instance, b: Option<&Instance>) {
+    for inst in std::iter::once(a).chain(b) {
+        let me = InstanceInfo {
+            id: inst.id.clone(),
+            address: "127.0.0.1:1".into(),
+            started_at: "2026-01-01T00:00:00.000Z".into(),
+            connections: 0,
+            version: "test".into(),
+        };
+        inst.registry.heartbeat(&me).await.unwrap();
+    }
+    let room = unique_room("occ");
+    let next: RoomName = format!("{room}-z").into();
+    let r = Occupant::Room(room.clone());
+    let reg = &a.registry;
+    assert_eq!(
+        reg.set_local_count(&r, 2).await.unwrap(),
+        Some(Edge::Occupied)
+    );
+    assert_eq!(reg.set_local_count(&r, 3).await.unwrap(), None);
+    if let Some(b) = b {
+        assert_eq!(b.registry.set_local_count(&r, 1).await.unwrap(), None);
+        assert_eq!(a.registry.count(&r).await.unwrap(), 4);
+        assert_eq!(b.registry.set_local_count(&r, 0).await.unwrap(), None);
+    }
+    assert_eq!(reg.count(&r).await.unwrap(), 3);
+    let n = Occupant::Room(next.clone());
+    assert_eq!(
+        std::iter::once(a)
+            .chain(b)
+            .last()
+            .unwrap()
+            .registry
+            .set_local_count(&n, 1)
+            .await
+            .unwrap(),
+        Some(Edge::Occupied)
+    );
+    let before: String = room.chars().take(room.len() - 1).collect();
+    let listed = reg.rooms(&before, 1000).await.unwrap();
+    let ours: Vec<(String, u64)> = listed
+        .iter()
+        .filter(|(r, _)| r.starts_with(&*room))
+        .map(|(r, c)| (r.to_string(), *c))
+        .collect();
+    assert_eq!(ours, [(room.to_string(), 3), (next.to_string(), 1)]);
+    let after = reg.rooms(&room, 1).await.unwrap();
+    assert_eq!(after.first().map(|(r, _)| r.clone()), Some(next.clone()));
+    let u = Occupant::User(format!("occ-user-{}", rtgate::protocol::now_ms()).into());
+    assert_eq!(
+        reg.set_local_count(&u, 1).await.unwrap(),
+        Some(Edge::Occupied)
+    );
+    assert_eq!(reg.count(&u).await.unwrap(), 1);
+    assert_eq!(
+        reg.set_local_count(&u, 0).await.unwrap(),
+        Some(Edge::Vacated)
+    );
+    assert_eq!(reg.count(&u).await.unwrap(), 0);
+    assert_eq!(
+        reg.set_local_count(&r, 0).await.unwrap(),
+        Some(Edge::Vacated)
+    );
+    assert_eq!(reg.count(&r).await.unwrap(), 0);
+    assert!(
+        !reg.rooms("", 10_000)
+            .await
+            .unwrap()
+            .iter()
+            .any(|(x, _)| *x == room)
+    );
+}
+
 // ---- backends --------------------------------------------------------------------------------
 
 mod memory {
@@ -396,11 +475,13 @@ mod memory {
         let memory = Arc::new(MemoryBroker::new(fan, HISTORY));
         (
             Instance {
+                id: "mem".into(),
                 broker: memory.clone(),
                 registry: memory.clone(),
                 sink: sink_a,
             },
             Instance {
+                id: "mem".into(),
                 broker: memory.clone(),
                 registry: memory,
                 sink: sink_b,
@@ -465,6 +546,12 @@ mod memory {
     }
 
     #[tokio::test]
+    async fn occupancy_counts_edges_and_rooms() {
+        let (a, _) = pair();
+        super::occupancy_counts_edges_and_rooms(&a, None).await;
+    }
+
+    #[tokio::test]
     async fn heartbeats_list_instances() {
         let (a, _) = pair();
         super::heartbeats_list_instances(&a).await;
@@ -477,6 +564,7 @@ mod memory {
         b.broker.subscribe_user(&user).await.unwrap();
         a.broker
             .send_direct(DirectMessage {
+                kind: rtgate::broker::DirectKind::Message,
                 to: user.clone(),
                 data: raw(r#"{"to":"solo"}"#),
                 sender_id: "u1".into(),
@@ -516,6 +604,7 @@ mod redis {
                 sink.clone(),
             ));
             Instance {
+                id: id.to_string(),
                 broker: redis.clone(),
                 registry: redis,
                 sink,
@@ -571,6 +660,9 @@ mod redis {
     redis_case!(an_unknown_since_is_a_gap, |a, b| {
         super::an_unknown_since_is_a_gap(&a)
     });
+    redis_case!(occupancy_counts_edges_and_rooms, |a, b| {
+        super::occupancy_counts_edges_and_rooms(&a, Some(&b))
+    });
 
     #[tokio::test]
     async fn trimmed_history_is_a_gap() {
@@ -605,10 +697,11 @@ mod cluster {
                 cfg,
                 &rtgate::config::BrokerConfig::default(),
                 Duration::from_secs(15),
-                id.into(),
+                id.clone().into(),
                 sink.clone(),
             ));
             Instance {
+                id: id.to_string(),
                 broker: cluster.clone(),
                 registry: cluster,
                 sink,
@@ -653,6 +746,8 @@ mod cluster {
         super::an_unknown_since_is_a_gap(&a).await;
         let (a, _b) = pair(&topo, 9).await;
         super::trimmed_history_is_a_gap(&a, HISTORY as usize).await;
+        let (a, b) = pair(&topo, 10).await;
+        super::occupancy_counts_edges_and_rooms(&a, Some(&b)).await;
     }
 }
 
@@ -693,6 +788,7 @@ mod kafka {
                     .with_idempotency(side.clone(), Duration::from_secs(300)),
             );
             Instance {
+                id: id.to_string(),
                 broker,
                 registry: side,
                 sink,
@@ -745,5 +841,8 @@ mod kafka {
     });
     kafka_case!(heartbeats_list_instances, |a, b| {
         super::heartbeats_list_instances(&a)
+    });
+    kafka_case!(occupancy_counts_edges_and_rooms, |a, b| {
+        super::occupancy_counts_edges_and_rooms(&a, Some(&b))
     });
 }

@@ -551,6 +551,7 @@ fn generated_corpus() -> Vec<(&'static str, &'static str, Vec<u8>)> {
 
     // Direct messages, from the encoder.
     let valid_direct = wire::encode_direct(&DirectMessage {
+        kind: rtgate::broker::DirectKind::Message,
         to: "bob".into(),
         data: RawValue::from_string(r#"{"to":"bob","text":"hi"}"#.into()).unwrap(),
         sender_id: "alice".into(),

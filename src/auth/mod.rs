@@ -7,6 +7,7 @@
 //! here too.
 
 mod jwks;
+pub mod rooms;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthConfig, RoomPolicy};
+use crate::config::AuthConfig;
+#[cfg(test)]
+use crate::config::RoomPolicy;
 
 pub use jwks::Jwks;
 
@@ -522,17 +525,6 @@ fn base_validation(leeway: Duration) -> Validation {
     validation.validate_nbf = true;
     validation.validate_aud = false;
     validation
-}
-
-/// Whether `who` may join and publish in `room`.
-pub fn may_access(who: &Identity, room: &str, policy: RoomPolicy) -> bool {
-    if who.admin || room.starts_with("public:") {
-        return true;
-    }
-    if let Some(owner) = room.strip_prefix("private:") {
-        return owner == &*who.user_id;
-    }
-    policy == RoomPolicy::Allow
 }
 
 #[cfg(test)]

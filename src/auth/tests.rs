@@ -347,8 +347,8 @@ fn api_keys() {
     assert!(!a.is_api_key("k1x"));
 }
 
-#[test]
-fn room_acl() {
+#[tokio::test]
+async fn room_acl() {
     let user = Identity {
         user_id: "7".into(),
         admin: false,
@@ -358,11 +358,19 @@ fn room_acl() {
         admin: true,
         ..user.clone()
     };
-    assert!(may_access(&user, "public:lobby", RoomPolicy::Deny));
-    assert!(may_access(&user, "private:7", RoomPolicy::Deny));
-    assert!(!may_access(&user, "private:8", RoomPolicy::Allow));
-    assert!(may_access(&admin, "private:8", RoomPolicy::Deny));
-    assert!(may_access(&user, "team:x", RoomPolicy::Allow));
-    assert!(!may_access(&user, "team:x", RoomPolicy::Deny));
-    assert!(may_access(&admin, "team:x", RoomPolicy::Deny));
+    let with = |policy| {
+        rooms::RoomAccess::new(&crate::config::RoomsConfig {
+            policy,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let (deny, allow) = (with(RoomPolicy::Deny), with(RoomPolicy::Allow));
+    assert!(deny.check(&user, "public:lobby").await.is_ok());
+    assert!(deny.check(&user, "private:7").await.is_ok());
+    assert!(allow.check(&user, "private:8").await.is_err());
+    assert!(deny.check(&admin, "private:8").await.is_ok());
+    assert!(allow.check(&user, "team:x").await.is_ok());
+    assert!(deny.check(&user, "team:x").await.is_err());
+    assert!(deny.check(&admin, "team:x").await.is_ok());
 }

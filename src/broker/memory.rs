@@ -11,8 +11,8 @@ use futures_util::FutureExt;
 
 use super::idempotency::{self, LocalIdempotency};
 use super::{
-    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceDiff,
-    PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
+    Broker, BrokerError, Deliver, DirectMessage, Edge, History, InstanceInfo, MessageId, Occupant,
+    PresenceDiff, PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 
 #[derive(Default)]
@@ -50,6 +50,8 @@ pub struct MemoryBroker {
     users: Mutex<HashSet<Arc<str>>>,
     presence: Mutex<HashMap<RoomName, Vec<PresenceEntry>>>,
     me: Mutex<Option<InstanceInfo>>,
+    /// Room members and user connections here (the only instance).
+    occupancy: Mutex<HashMap<Occupant, usize>>,
     idempotency: LocalIdempotency,
     idempotency_window: Duration,
 }
@@ -66,6 +68,7 @@ impl MemoryBroker {
             users: Mutex::default(),
             presence: Mutex::default(),
             me: Mutex::default(),
+            occupancy: Mutex::default(),
             idempotency: LocalIdempotency::new(100_000),
             idempotency_window: Duration::from_secs(300),
         }
@@ -223,11 +226,11 @@ impl Registry for MemoryBroker {
         Ok(Tracked::Stored)
     }
 
-    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {
+    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<bool, BrokerError> {
         let removed = {
             let mut presence = self.presence.lock();
             let Some(entries) = presence.get_mut(room) else {
-                return Ok(());
+                return Ok(false);
             };
             let removed = entries
                 .iter()
@@ -238,6 +241,7 @@ impl Registry for MemoryBroker {
             }
             removed
         };
+        let was_there = removed.is_some();
         if let Some(entry) = removed {
             self.announce(PresenceDiff {
                 room: room.clone(),
@@ -245,20 +249,57 @@ impl Registry for MemoryBroker {
                 leaves: vec![entry],
             });
         }
-        Ok(())
+        Ok(was_there)
     }
 
     async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError> {
         Ok(self.presence.lock().get(room).cloned().unwrap_or_default())
     }
 
-    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Vec<RoomName>, BrokerError> {
         *self.me.lock() = Some(me.clone());
-        Ok(())
+        Ok(Vec::new())
     }
 
     async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
         Ok(self.me.lock().iter().cloned().collect())
+    }
+
+    async fn set_local_count(
+        &self,
+        who: &Occupant,
+        count: usize,
+    ) -> Result<Option<Edge>, BrokerError> {
+        let mut occupancy = self.occupancy.lock();
+        let before = if count == 0 {
+            occupancy.remove(who)
+        } else {
+            occupancy.insert(who.clone(), count)
+        };
+        Ok(match (before.is_some(), count > 0) {
+            (false, true) => Some(Edge::Occupied),
+            (true, false) => Some(Edge::Vacated),
+            _ => None,
+        })
+    }
+
+    async fn count(&self, who: &Occupant) -> Result<u64, BrokerError> {
+        Ok(self.occupancy.lock().get(who).copied().unwrap_or(0) as u64)
+    }
+
+    async fn rooms(&self, after: &str, limit: usize) -> Result<Vec<(RoomName, u64)>, BrokerError> {
+        let mut rooms: Vec<(RoomName, u64)> = self
+            .occupancy
+            .lock()
+            .iter()
+            .filter_map(|(who, n)| match who {
+                Occupant::Room(r) if &**r > after => Some((r.clone(), *n as u64)),
+                _ => None,
+            })
+            .collect();
+        rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rooms.truncate(limit);
+        Ok(rooms)
     }
 }
 

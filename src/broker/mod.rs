@@ -115,11 +115,62 @@ pub struct RoomEvent {
 /// A message for every connection of one user, on any instance.
 #[derive(Debug)]
 pub struct DirectMessage {
+    /// A `direct` frame for the user's clients, or a server API command for the instances
+    /// that hold the user's connections.
+    pub kind: DirectKind,
     pub to: Arc<str>,
     pub data: Box<RawValue>,
     pub sender_id: Arc<str>,
     pub ts_ms: u64,
     pub traceparent: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectKind {
+    Message,
+    /// `data` is a [`Control`] command, applied by the instance, never shown to clients.
+    Control,
+}
+
+/// A server API command carried to every instance holding a user's connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Control {
+    /// Close every connection of the user with this code and reason.
+    Disconnect { code: u16, reason: String },
+    /// The user's connections leave the room (and are told with a `system` notice).
+    Unsubscribe { room: String },
+}
+
+/// What the cluster-wide occupancy index counts: the members of a room, or the connections
+/// of a user, per instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Occupant {
+    Room(RoomName),
+    User(Arc<str>),
+}
+
+impl Occupant {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Occupant::Room(_) => "room",
+            Occupant::User(_) => "user",
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Occupant::Room(r) => r,
+            Occupant::User(u) => u,
+        }
+    }
+}
+
+/// A room (or user) that had no member on any instance got one, or lost its last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edge {
+    Occupied,
+    Vacated,
 }
 
 /// One connection's presence in a room.
@@ -261,15 +312,32 @@ pub trait Registry: Send + Sync + 'static {
         max_entries: usize,
     ) -> Result<Tracked, BrokerError>;
 
-    /// Removes a connection's presence (if any) and announces the diff.
-    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError>;
+    /// Removes a connection's presence (if any) and announces the diff; true if it had one.
+    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<bool, BrokerError>;
 
     /// Everyone present in `room`, on every instance.
     async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError>;
 
-    /// Records this instance as alive.
-    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError>;
+    /// Records this instance as alive. Instances found dead are removed (presence and
+    /// occupancy); returns the rooms that this left with no member anywhere.
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Vec<RoomName>, BrokerError>;
 
     /// Every instance whose heartbeat is alive.
     async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError>;
+
+    /// Records that this instance now holds `count` of `who` (members of a room, connections
+    /// of a user; 0: none). Returns the cluster-wide edge this caused, if any: decided
+    /// atomically, so exactly one instance sees each edge.
+    async fn set_local_count(
+        &self,
+        who: &Occupant,
+        count: usize,
+    ) -> Result<Option<Edge>, BrokerError>;
+
+    /// `who`'s count summed over the live instances (0: no member, or no connection, anywhere).
+    async fn count(&self, who: &Occupant) -> Result<u64, BrokerError>;
+
+    /// Rooms with members on a live instance and their member counts, by name, the first
+    /// `limit` after `after`.
+    async fn rooms(&self, after: &str, limit: usize) -> Result<Vec<(RoomName, u64)>, BrokerError>;
 }

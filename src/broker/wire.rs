@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::{
-    DirectMessage, MessageId, MessageKind, Origin, PresenceDiff, PresenceEntry, RoomEvent,
-    RoomMessage, RoomName,
+    Control, DirectKind, DirectMessage, MessageId, MessageKind, Origin, PresenceDiff,
+    PresenceEntry, RoomEvent, RoomMessage, RoomName,
 };
 use crate::protocol::{MAX_TS_MS, format_ts, is_object, valid_room};
 
@@ -171,7 +171,10 @@ pub struct WireDirect<'a> {
 
 pub fn encode_direct(msg: &DirectMessage) -> String {
     serde_json::to_string(&WireDirect {
-        kind: Cow::Borrowed("direct"),
+        kind: Cow::Borrowed(match msg.kind {
+            DirectKind::Message => "direct",
+            DirectKind::Control => "control",
+        }),
         to: Cow::Borrowed(&msg.to),
         data: &msg.data,
         sender_id: Cow::Borrowed(&msg.sender_id),
@@ -239,15 +242,23 @@ pub fn decode_live_message(
 /// A direct message from its payload.
 pub fn decode_direct(payload: &[u8]) -> Result<DirectMessage, DecodeError> {
     let w: WireDirect = serde_json::from_slice(payload)?;
-    if !w.kind.is_empty() && w.kind != "direct" {
-        return Err(bad("type", "is not `direct`"));
-    }
+    let kind = match &*w.kind {
+        "" | "direct" => DirectKind::Message,
+        "control" => {
+            if serde_json::from_str::<Control>(w.data.get()).is_err() {
+                return Err(bad("data", "is not a control command"));
+            }
+            DirectKind::Control
+        }
+        _ => return Err(bad("type", "is not `direct` or `control`")),
+    };
     check_id("to", &w.to)?;
     check_id("sender_id", &w.sender_id)?;
     check_object("data", w.data)?;
     check_ts(w.ts_ms)?;
     check_traceparent(w.traceparent.as_deref())?;
     Ok(DirectMessage {
+        kind,
         to: Arc::from(&*w.to),
         data: w.data.to_owned(),
         sender_id: Arc::from(&*w.sender_id),
@@ -379,6 +390,7 @@ mod tests {
     #[test]
     fn directs_round_trip() {
         let msg = DirectMessage {
+            kind: DirectKind::Message,
             to: "bob".into(),
             data: RawValue::from_string(r#"{"to":"bob"}"#.into()).unwrap(),
             sender_id: "alice".into(),
@@ -388,6 +400,21 @@ mod tests {
         let back = decode_direct(encode_direct(&msg).as_bytes()).unwrap();
         assert_eq!(&*back.to, "bob");
         assert_eq!(&*back.sender_id, "alice");
+        assert_eq!(back.kind, DirectKind::Message);
+        let control = DirectMessage {
+            kind: DirectKind::Control,
+            data: serde_json::value::to_raw_value(&Control::Unsubscribe {
+                room: "public:x".into(),
+            })
+            .unwrap(),
+            ..msg
+        };
+        let back = decode_direct(encode_direct(&control).as_bytes()).unwrap();
+        assert_eq!(back.kind, DirectKind::Control);
+        assert_eq!(
+            back.data.get(),
+            r#"{"action":"unsubscribe","room":"public:x"}"#
+        );
     }
 
     fn message(ts_ms: u64) -> RoomMessage {
@@ -561,6 +588,10 @@ mod tests {
                 "sender_id",
             ),
             (r#"{"to":"bob","data":1,"sender_id":"a","ts_ms":1}"#, "data"),
+            (
+                r#"{"type":"control","to":"b","data":{"action":"explode"},"sender_id":"a","ts_ms":1}"#,
+                "data",
+            ),
             (
                 r#"{"to":"b","data":{},"sender_id":"a","ts_ms":1,"traceparent":"\u0000"}"#,
                 "traceparent",

@@ -8,7 +8,7 @@
 pub mod queue;
 pub mod session;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -21,14 +21,17 @@ use futures_util::future::Shared;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::rooms::RoomAccess;
 use crate::auth::{Authenticator, Identity};
 use crate::broker::{
-    Broker, BrokerError, Deliver, DirectMessage, InstanceInfo, MessageId, PresenceDiff,
-    PresenceEntry, Registry, RoomEvent, RoomName, Subscribed, Wanted,
+    Broker, BrokerError, Control, Deliver, DirectKind, DirectMessage, Edge, InstanceInfo,
+    MessageId, Occupant, PresenceDiff, PresenceEntry, Registry, RoomEvent, RoomName, Subscribed,
+    Wanted,
 };
 use crate::config::Config;
 use crate::protocol::{ServerFrame, close, format_ts};
 use crate::telemetry::{metric, trace};
+use crate::webhooks::Webhooks;
 use queue::{EventMark, Pushed, SendQueue};
 
 /// One WebSocket connection, as the rest of the instance sees it.
@@ -42,8 +45,10 @@ pub struct Session {
     /// Milliseconds since the hub started when the client last sent anything.
     last_seen_ms: AtomicU64,
     ping_outstanding: AtomicBool,
-    /// Wakes the reader when the server starts closing the connection.
+    /// Wakes the reader when the server starts closing the connection, or kicks it out of a
+    /// room.
     closing: tokio::sync::Notify,
+    kicked: Mutex<Vec<RoomName>>,
 }
 
 impl Session {
@@ -74,10 +79,21 @@ impl Session {
     }
 
     /// Closes after the frames already queued.
-    pub fn close(&self, code: u16, reason: &'static str) {
+    pub fn close(&self, code: u16, reason: impl Into<Utf8Bytes>) {
         if self.queue.close(code, reason, false) {
             self.closing.notify_one();
         }
+    }
+
+    /// Makes the connection leave `room` (the server API's unsubscribe): its reader does it.
+    fn kick(&self, room: RoomName) {
+        self.kicked.lock().push(room);
+        self.closing.notify_one();
+    }
+
+    /// Rooms the server API removed this connection from since the last call.
+    pub fn take_kicked(&self) -> Vec<RoomName> {
+        std::mem::take(&mut *self.kicked.lock())
     }
 }
 
@@ -128,6 +144,10 @@ pub struct Hub {
     rooms: RwLock<HashMap<RoomName, Room>>,
     users: RwLock<HashMap<Arc<str>, Vec<Arc<Session>>>>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    /// Rooms and users whose local count changed since the occupancy index last heard of
+    /// them (bounded by the rooms and users there are).
+    dirty: Mutex<HashSet<Occupant>>,
+    dirty_wake: tokio::sync::Notify,
 }
 
 /// How many connections an instance and one user on it may hold.
@@ -177,6 +197,38 @@ impl Hub {
             rooms: RwLock::default(),
             users: RwLock::default(),
             sessions: Mutex::default(),
+            dirty: Mutex::default(),
+            dirty_wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn mark_dirty(&self, who: Occupant) {
+        if self.dirty.lock().insert(who) {
+            self.dirty_wake.notify_one();
+        }
+    }
+
+    /// Waits until some room or user count changed, then returns what changed.
+    pub async fn changed_occupancy(&self) -> Vec<Occupant> {
+        loop {
+            let changed: Vec<Occupant> = self.dirty.lock().drain().collect();
+            if !changed.is_empty() {
+                return changed;
+            }
+            self.dirty_wake.notified().await;
+        }
+    }
+
+    /// Marks again what could not be recorded (the broker was down).
+    pub fn retry_occupancy(&self, who: Vec<Occupant>) {
+        self.dirty.lock().extend(who);
+    }
+
+    /// This instance's members of a room, or connections of a user.
+    pub fn local_count(&self, who: &Occupant) -> usize {
+        match who {
+            Occupant::Room(room) => self.rooms.read().get(room).map_or(0, |r| r.members.len()),
+            Occupant::User(user) => self.users.read().get(user).map_or(0, Vec::len),
         }
     }
 
@@ -241,6 +293,7 @@ impl Hub {
                 already_member: true,
             };
         }
+        self.mark_dirty(Occupant::Room(room.clone()));
         entry.members.push(Member {
             session: session.clone(),
             echo_self,
@@ -278,6 +331,7 @@ impl Hub {
             return false;
         };
         entry.members.swap_remove(i);
+        self.mark_dirty(Occupant::Room(room.clone()));
         if entry.members.is_empty() {
             rooms.remove(room);
             broker.unsubscribe(room);
@@ -353,6 +407,7 @@ impl Hub {
             return Err(ConnectionLimit::User);
         }
         list.push(session.clone());
+        self.mark_dirty(Occupant::User(user.clone()));
         sessions.insert(session.id, session.clone());
         metric::connections_changed(1);
         Ok((list.len() == 1).then(|| broker.subscribe_user(user)))
@@ -366,6 +421,7 @@ impl Hub {
         let user = &session.identity.user_id;
         if let Some(list) = users.get_mut(user) {
             list.retain(|s| s.id != session.id);
+            self.mark_dirty(Occupant::User(user.clone()));
             if list.is_empty() {
                 users.remove(user);
                 broker.unsubscribe_user(user);
@@ -410,7 +466,7 @@ pub fn room_event_frame(event: &RoomEvent) -> Utf8Bytes {
     Utf8Bytes::from(frame.to_json())
 }
 
-fn presence_map(entries: &[PresenceEntry]) -> serde_json::Map<String, serde_json::Value> {
+pub fn presence_map(entries: &[PresenceEntry]) -> serde_json::Map<String, serde_json::Value> {
     let mut map = serde_json::Map::new();
     for e in entries {
         let meta: serde_json::Value =
@@ -505,6 +561,25 @@ impl Deliver for Hub {
         let Some(sessions) = users.get(&msg.to) else {
             return;
         };
+        if msg.kind == DirectKind::Control {
+            // Checked by the decoder; a command that does not parse is ignored.
+            match serde_json::from_str::<Control>(msg.data.get()) {
+                Ok(Control::Disconnect { code, reason }) => {
+                    for s in sessions {
+                        s.close(code, reason.clone());
+                    }
+                    tracing::info!(user = %msg.to, connections = sessions.len(), code, "disconnected by the server API");
+                }
+                Ok(Control::Unsubscribe { room }) => {
+                    let room = RoomName::from(room);
+                    for s in sessions {
+                        s.kick(room.clone());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "unreadable control command"),
+            }
+            return;
+        }
         let ts = format_ts(msg.ts_ms);
         let frame = Utf8Bytes::from(
             ServerFrame {
@@ -541,6 +616,9 @@ impl Deliver for Hub {
 pub struct Gateway {
     pub config: Arc<Config>,
     pub auth: Authenticator,
+    /// Who may use which room (`[[rooms.rules]]`, the app's authorize endpoint).
+    pub access: RoomAccess,
+    pub webhooks: Arc<Webhooks>,
     pub broker: Arc<dyn Broker>,
     /// Presence and instances.
     pub registry: Arc<dyn Registry>,
@@ -560,10 +638,14 @@ impl Gateway {
         registry: Arc<dyn Registry>,
         hub: Arc<Hub>,
         advertised_address: String,
-    ) -> Self {
-        Self {
+    ) -> anyhow::Result<Self> {
+        let access = RoomAccess::new(&config.rooms)?;
+        let webhooks = Webhooks::new(config.webhooks.clone(), hub.instance_id().clone());
+        Ok(Self {
             config,
             auth,
+            access,
+            webhooks,
             broker,
             registry,
             hub,
@@ -571,6 +653,91 @@ impl Gateway {
             advertised_address,
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
+        })
+    }
+
+    /// Removes a connection's presence in `room`, announcing the leave to the webhooks.
+    pub(crate) async fn untrack(&self, room: &RoomName, session: &Session) {
+        match self.registry.untrack(room, &session.public_id).await {
+            Ok(true) => {
+                self.webhooks
+                    .presence_leave(room, &session.identity.user_id, &session.public_id)
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, room = %room, "presence cleanup failed"),
+        }
+    }
+
+    /// A server API command for every connection of `user`, on every instance.
+    pub async fn control(&self, user: &str, command: &Control) -> Result<(), BrokerError> {
+        let data = serde_json::value::to_raw_value(command)
+            .map_err(|e| BrokerError::Other(e.to_string()))?;
+        self.broker
+            .send_direct(DirectMessage {
+                kind: DirectKind::Control,
+                to: Arc::from(user),
+                data,
+                sender_id: Arc::from(CONTROL_SENDER),
+                ts_ms: crate::protocol::now_ms(),
+                traceparent: None,
+            })
+            .await
+    }
+
+    /// Keeps the cluster-wide occupancy index in step with this instance's rooms and users,
+    /// one write per changed room or user (changes coalesce while a write runs), and reports
+    /// the rooms that became occupied or vacated everywhere to the webhooks.
+    pub async fn run_occupancy(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let changed = tokio::select! {
+                changed = self.hub.changed_occupancy() => changed,
+                _ = stop.cancelled() => return,
+            };
+            if !self.record_occupancy(changed).await {
+                // The broker is down: try again shortly (what changed meanwhile coalesces).
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+
+    /// Writes the current local counts of `changed`; false if some could not be written (they
+    /// are marked again).
+    async fn record_occupancy(&self, changed: Vec<Occupant>) -> bool {
+        let mut failed = Vec::new();
+        for who in changed {
+            let count = self.hub.local_count(&who);
+            match self.registry.set_local_count(&who, count).await {
+                Ok(Some(edge)) => {
+                    if let Occupant::Room(room) = &who {
+                        self.webhooks.room(room, edge);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "occupancy not recorded; retrying");
+                    failed.push(who);
+                }
+            }
+        }
+        let ok = failed.is_empty();
+        self.hub.retry_occupancy(failed);
+        ok
+    }
+
+    /// After the drain: the last occupancy changes (every room left), bounded by `limit`.
+    pub async fn flush_occupancy(&self, limit: Duration) {
+        let changed: Vec<Occupant> = self.hub.dirty.lock().drain().collect();
+        if changed.is_empty() {
+            return;
+        }
+        if tokio::time::timeout(limit, self.record_occupancy(changed))
+            .await
+            .is_err()
+        {
+            tracing::warn!("occupancy not recorded before shutdown; other instances reap it");
         }
     }
 
@@ -615,6 +782,7 @@ impl Gateway {
             last_seen_ms: AtomicU64::new(self.hub.now_ms()),
             ping_outstanding: AtomicBool::new(false),
             closing: tokio::sync::Notify::new(),
+            kicked: Mutex::default(),
         });
         let limits = ConnectionLimits {
             per_instance: self.config.server.max_connections,
@@ -637,9 +805,7 @@ impl Gateway {
         for room in rooms {
             self.hub
                 .leave(&*self.broker, &*self.registry, room, session.id);
-            if let Err(e) = self.registry.untrack(room, &session.public_id).await {
-                tracing::warn!(error = %e, room = %room, "presence cleanup failed");
-            }
+            self.untrack(room, session).await;
         }
         self.hub.remove_session(&*self.broker, session);
         // Stops the writer if the client went away without a close handshake.
@@ -694,7 +860,13 @@ impl Gateway {
             let due = last_heartbeat.is_none_or(|t| t.elapsed() >= self.config.heartbeat.interval);
             if due && self.registry.is_ready() {
                 match self.registry.heartbeat(&self.instance_info()).await {
-                    Ok(()) => last_heartbeat = Some(Instant::now()),
+                    Ok(vacated) => {
+                        last_heartbeat = Some(Instant::now());
+                        // Rooms left empty by a dead instance: this one reaped it.
+                        for room in vacated {
+                            self.webhooks.room(&room, Edge::Vacated);
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }
                 metric::upkeep();
@@ -703,15 +875,27 @@ impl Gateway {
     }
 }
 
-/// Builds the meta stored for a tracked connection: the client's object plus `session_id`.
-fn presence_meta(data: Option<&RawValue>, session: &Session) -> Result<Box<RawValue>, ()> {
-    let mut meta = match data {
-        None => serde_json::Map::new(),
-        Some(raw) => match serde_json::from_str::<serde_json::Value>(raw.get()) {
-            Ok(serde_json::Value::Object(map)) => map,
-            _ => return Err(()),
-        },
+/// The sender id of server API commands (never a user's: user ids come from tokens).
+const CONTROL_SENDER: &str = "rtgate:server-api";
+
+/// Builds the meta stored for a tracked connection: the backend's defaults (if any), the
+/// client's object over them, plus `session_id`.
+fn presence_meta(
+    data: Option<&RawValue>,
+    defaults: Option<&RawValue>,
+    session: &Session,
+) -> Result<Box<RawValue>, ()> {
+    let object = |raw: &RawValue| match serde_json::from_str::<serde_json::Value>(raw.get()) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        _ => Err(()),
     };
+    let mut meta = match defaults {
+        Some(d) => object(d).unwrap_or_default(),
+        None => serde_json::Map::new(),
+    };
+    if let Some(raw) = data {
+        meta.extend(object(raw)?);
+    }
     meta.insert(
         "session_id".into(),
         serde_json::Value::String(session.public_id.to_string()),

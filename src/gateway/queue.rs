@@ -244,7 +244,7 @@ impl SendQueue {
 
     /// Closes the connection after the frames already queued (or at once, discarding them).
     /// Returns false if it was already closing.
-    pub fn close(&self, code: u16, reason: &'static str, discard_pending: bool) -> bool {
+    pub fn close(&self, code: u16, reason: impl Into<Utf8Bytes>, discard_pending: bool) -> bool {
         let mut q = self.inner.lock();
         if q.close.is_some() {
             return false;
@@ -255,7 +255,7 @@ impl SendQueue {
         }
         q.close = Some(CloseFrame {
             code,
-            reason: Utf8Bytes::from_static(reason),
+            reason: reason.into(),
         });
         drop(q);
         self.wake.notify_one();

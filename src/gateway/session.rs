@@ -14,9 +14,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{Gateway, Session, presence_map, presence_meta, unavailable_message};
-use crate::auth::{Identity, may_access};
+use crate::auth::Identity;
+use crate::auth::rooms::{Denied, Verdict};
 use crate::broker::{
-    DirectMessage, MessageId, MessageKind, Origin, RoomMessage, RoomName, Tracked,
+    DirectKind, DirectMessage, MessageId, MessageKind, Origin, RoomMessage, RoomName, Tracked,
 };
 use crate::protocol::{
     ClientFrame, ErrorCode, RequestKind, ServerFrame, ack_frame, close, error_frame, is_object,
@@ -155,6 +156,8 @@ struct Connection {
     refused_in_a_row: u32,
     /// Publishes waiting for the broker; allocated on the first publish.
     publishes: Option<FuturesOrdered<PendingPublish>>,
+    /// Presence meta defaults the app's backend gave at join, per hook room.
+    meta_defaults: Option<std::collections::HashMap<RoomName, Arc<RawValue>>>,
 }
 
 /// A request failed: the error frame to send.
@@ -188,6 +191,7 @@ impl Connection {
             violations: 0,
             refused_in_a_row: 0,
             publishes: None,
+            meta_defaults: None,
         }
     }
 
@@ -207,7 +211,16 @@ impl Connection {
                     session.queue.wait_for_room().await;
                     stream.next().await
                 }, if may_read => next,
-                _ = session.closing.notified() => break,
+                _ = session.closing.notified() => {
+                    // Kicked out of rooms by the server API, or closing (or both).
+                    for room in session.take_kicked() {
+                        self.kicked_from(&room).await;
+                    }
+                    if self.session.queue.is_closing() {
+                        break;
+                    }
+                    continue;
+                }
             };
             let msg = match next {
                 Some(Ok(msg)) => msg,
@@ -400,13 +413,51 @@ impl Connection {
                 crate::protocol::ROOM_RULE,
             ));
         }
-        if !may_access(&self.session.identity, room, self.gw.config.rooms.policy) {
-            return Err(Refusal::new(
+        match self.gw.access.rule_for(&self.session.identity, room) {
+            Ok(Verdict::Allowed) => Ok(RoomName::from(room)),
+            // The backend allowed it at `join`: members may use the room.
+            Ok(Verdict::Hook(_)) if self.rooms.iter().any(|r| &**r == room) => {
+                Ok(RoomName::from(room))
+            }
+            Ok(Verdict::Hook(_)) => Err(Refusal::new(
                 ErrorCode::Forbidden,
-                format!("no access to room `{room}`"),
+                format!("join `{room}` first: its access is decided at join"),
+            )),
+            Err(denied) => Err(refusal_of(denied)),
+        }
+    }
+
+    /// [`Connection::room_of`] for `join`: a hook room asks the app's backend (or its cache).
+    async fn room_to_join(&mut self, frame: &ClientFrame<'_>) -> Result<RoomName, Refusal> {
+        let Some(name) = frame.room.as_deref() else {
+            return Err(Refusal::new(ErrorCode::RoomRequired, "`room` is required"));
+        };
+        if !valid_room(name) {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                crate::protocol::ROOM_RULE,
             ));
         }
-        Ok(RoomName::from(room))
+        let room = RoomName::from(name);
+        let defaults = self
+            .gw
+            .access
+            .check(&self.session.identity, name)
+            .await
+            .map_err(refusal_of)?;
+        match defaults {
+            Some(meta) => {
+                self.meta_defaults
+                    .get_or_insert_with(Default::default)
+                    .insert(room.clone(), meta);
+            }
+            None => {
+                if let Some(d) = &mut self.meta_defaults {
+                    d.remove(&room);
+                }
+            }
+        }
+        Ok(room)
     }
 
     fn origin(&self) -> Origin {
@@ -417,7 +468,7 @@ impl Connection {
     }
 
     async fn join(&mut self, frame: &ClientFrame<'_>) -> Reply {
-        let room = self.room_of(frame)?;
+        let room = self.room_to_join(frame).await?;
         let since =
             match frame.since.as_deref() {
                 None => None,
@@ -530,10 +581,21 @@ impl Connection {
             .hub
             .leave(&*gw.broker, &*gw.registry, room, self.session.id);
         self.rooms.retain(|r| r != room);
-        if was_member && let Err(e) = gw.registry.untrack(room, &self.session.public_id).await {
-            tracing::warn!(error = %e, room = %room, "presence cleanup failed");
+        if let Some(d) = &mut self.meta_defaults {
+            d.remove(room);
+        }
+        if was_member {
+            gw.untrack(room, &self.session).await;
         }
         was_member
+    }
+
+    /// The server API removed this connection from `room`: leave it and say so.
+    async fn kicked_from(&mut self, room: &RoomName) {
+        if self.leave_room(room).await {
+            let notice = serde_json::json!({"event": "unsubscribed"});
+            self.send(ServerFrame::new("system", Some(room), &notice).to_json());
+        }
     }
 
     async fn leave(&mut self, frame: &ClientFrame<'_>) -> Reply {
@@ -673,6 +735,7 @@ impl Connection {
                 Refusal::new(ErrorCode::BadRequest, "`data.to` (a user id) is required")
             })?;
         let msg = DirectMessage {
+            kind: DirectKind::Message,
             to: to.into(),
             data: data.to_owned(),
             sender_id: self.session.identity.user_id.clone(),
@@ -714,7 +777,8 @@ impl Connection {
             }
             self.check_depth(data)?;
         }
-        let meta = presence_meta(frame.data, &self.session)
+        let defaults = self.meta_defaults.as_ref().and_then(|d| d.get(&room));
+        let meta = presence_meta(frame.data, defaults.map(|d| &**d), &self.session)
             .map_err(|_| Refusal::new(ErrorCode::BadRequest, "`data` must be an object"))?;
         let entry = crate::broker::PresenceEntry {
             user_id: self.session.identity.user_id.clone(),
@@ -725,7 +789,7 @@ impl Connection {
         let tracked = self
             .gw
             .registry
-            .track(&room, entry, max)
+            .track(&room, entry.clone(), max)
             .await
             .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
         if tracked == Tracked::RoomFull {
@@ -735,17 +799,33 @@ impl Connection {
                 format!("room `{room}` has {max} presence entries (rooms.max_presence_per_room)"),
             ));
         }
+        self.gw.webhooks.presence_join(&room, &entry);
         Ok(Some("{}".into()))
     }
 
     async fn untrack(&mut self, frame: &ClientFrame<'_>) -> Reply {
         let room = self.joined_room(frame)?;
-        self.gw
+        let removed = self
+            .gw
             .registry
             .untrack(&room, &self.session.public_id)
             .await
             .map_err(|e| Refusal::new(ErrorCode::Unavailable, unavailable_message(&e)))?;
+        if removed {
+            self.gw.webhooks.presence_leave(
+                &room,
+                &self.session.identity.user_id,
+                &self.session.public_id,
+            );
+        }
         Ok(Some("{}".into()))
+    }
+}
+
+fn refusal_of(denied: Denied) -> Refusal {
+    match denied {
+        Denied::Forbidden(_) => Refusal::new(ErrorCode::Forbidden, denied.to_string()),
+        Denied::Unavailable(_) => Refusal::new(ErrorCode::Unavailable, denied.to_string()),
     }
 }
 

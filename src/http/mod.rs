@@ -1,6 +1,7 @@
 //! HTTP surface: WebSocket upgrade, REST, health and metrics.
 
 pub mod admission;
+pub mod api;
 mod server;
 
 use std::collections::HashMap;
@@ -12,16 +13,13 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::json;
-use serde_json::value::RawValue;
 
 use crate::auth::AuthError;
-use crate::broker::{MessageKind, RoomMessage, RoomName};
-use crate::gateway::{Gateway, session, unavailable_message};
-use crate::protocol::{close, is_object, json_too_deep, now_ms, valid_room};
+use crate::gateway::{Gateway, session};
+use crate::protocol::close;
 use crate::telemetry::metric;
 use admission::{Admission, Refused};
 
@@ -40,7 +38,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             "/api/v1/ws",
             get(websocket).layer(Extension(Arc::new(Admission::new(&gw.config.server)))),
         )
-        .route("/api/v1/broadcast", post(broadcast))
+        .merge(api::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz));
     if gw.config.server.admin_listen.is_none() {
@@ -176,119 +174,12 @@ async fn websocket(
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BroadcastRequest {
-    room: String,
-    #[serde(rename = "type", default = "default_broadcast_type")]
-    kind: String,
-    data: Box<RawValue>,
-    #[serde(default)]
-    idempotency_key: Option<String>,
-}
-
-fn default_broadcast_type() -> String {
-    "system".into()
-}
-
 fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
         Json(json!({"error": {"code": code, "message": message.into()}})),
     )
         .into_response()
-}
-
-async fn broadcast(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: axum::body::Body,
-) -> Response {
-    match bearer(&headers) {
-        Some(key) if gw.auth.is_api_key(key) => {}
-        _ => {
-            return api_error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a server API key is required (Authorization: Bearer <key>)",
-            );
-        }
-    }
-    // Read only once the caller is known, and no more than a WebSocket frame may carry.
-    let max = gw.config.ws.max_frame_bytes;
-    let Ok(body) = axum::body::to_bytes(body, max).await else {
-        metric::limit_exceeded("body_bytes");
-        return api_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the body is over the {max}-byte limit (ws.max_frame_bytes)"),
-        );
-    };
-    let req: BroadcastRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
-    };
-    if !valid_room(&req.room) {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            crate::protocol::ROOM_RULE,
-        );
-    }
-    let kind = match req.kind.as_str() {
-        "system" => MessageKind::System,
-        "message" => MessageKind::Message,
-        _ => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "`type` is \"system\" or \"message\"",
-            );
-        }
-    };
-    if !is_object(&req.data) {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "`data` must be an object",
-        );
-    }
-    let depth = gw.config.ws.max_json_depth;
-    if json_too_deep(req.data.get(), depth) {
-        metric::limit_exceeded("json_depth");
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("`data` nests deeper than {depth} levels (ws.max_json_depth)"),
-        );
-    }
-    if let Some(key) = &req.idempotency_key
-        && !crate::broker::idempotency::valid_key(key)
-    {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            crate::broker::idempotency::KEY_RULE,
-        );
-    }
-    let msg = RoomMessage {
-        room: RoomName::from(req.room),
-        kind,
-        data: req.data,
-        sender_id: None,
-        ts_ms: now_ms(),
-        origin: None,
-        traceparent: None,
-        idempotency_key: req.idempotency_key.map(String::into_boxed_str),
-    };
-    match gw.broker.publish(msg).await {
-        Ok(id) => Json(json!({"id": id.to_string()})).into_response(),
-        Err(e) => api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            unavailable_message(&e),
-        ),
-    }
 }
 
 async fn stats(State(gw): State<Arc<Gateway>>) -> Response {

@@ -260,6 +260,19 @@ impl ClusterBroker {
     }
 }
 
+/// Occupancy keys on a Cluster: the room, user or instance as a hash tag.
+const OCCUPANCY: occupancy::Keys = occupancy::Keys { tagged: true };
+
+impl ClusterBroker {
+    async fn live_ids(&self) -> Result<HashSet<String>, BrokerError> {
+        Ok(Registry::instances(self)
+            .await?
+            .into_iter()
+            .map(|i| i.id)
+            .collect())
+    }
+}
+
 /// `WAIT` on the master of `key`'s slot: the writes of this connection to that node.
 async fn wait_on_master(
     conn: &mut ClusterConnection,
@@ -404,10 +417,10 @@ impl Registry for ClusterBroker {
         })
     }
 
-    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {
+    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<bool, BrokerError> {
         let mut conn = self.conn()?;
         let tagged = tag(room);
-        redis::cmd("EVAL")
+        let removed = redis::cmd("EVAL")
             .arg(UNTRACK.as_str())
             .arg(3)
             .arg(names::presence(&tagged))
@@ -418,7 +431,7 @@ impl Registry for ClusterBroker {
             .query_async::<i64>(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(())
+        Ok(removed == 1)
     }
 
     async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError> {
@@ -431,8 +444,9 @@ impl Registry for ClusterBroker {
         Ok(presence_entries(&values))
     }
 
-    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Vec<RoomName>, BrokerError> {
         let mut conn = self.conn()?;
+        let mut vacated = Vec::new();
         let info = serde_json::to_string(me).map_err(|e| BrokerError::Other(e.to_string()))?;
         let dead: Vec<String> = redis::cmd("EVAL")
             .arg(HEARTBEAT_SCRIPT)
@@ -478,9 +492,14 @@ impl Registry for ClusterBroker {
                 .query_async::<i64>(&mut conn)
                 .await
                 .map_err(unavailable)?;
+            vacated.extend(
+                occupancy::reap(&mut conn, OCCUPANCY, &id)
+                    .await
+                    .map_err(unavailable)?,
+            );
             tracing::info!(instance = %id, rooms = rooms.len(), "removed a dead instance's presence");
         }
-        Ok(())
+        Ok(vacated)
     }
 
     async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
@@ -493,6 +512,33 @@ impl Registry for ClusterBroker {
             .await
             .map_err(unavailable)?;
         Ok(instance_infos(&infos))
+    }
+
+    async fn set_local_count(
+        &self,
+        who: &Occupant,
+        count: usize,
+    ) -> Result<Option<Edge>, BrokerError> {
+        let mut conn = self.conn()?;
+        occupancy::set_local_count(&mut conn, OCCUPANCY, &self.shared.instance_id, who, count)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn count(&self, who: &Occupant) -> Result<u64, BrokerError> {
+        let live = self.live_ids().await?;
+        let mut conn = self.conn()?;
+        occupancy::count(&mut conn, OCCUPANCY, who, &live)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn rooms(&self, after: &str, limit: usize) -> Result<Vec<(RoomName, u64)>, BrokerError> {
+        let live = self.live_ids().await?;
+        let mut conn = self.conn()?;
+        occupancy::rooms(&mut conn, OCCUPANCY, &live, after, limit)
+            .await
+            .map_err(unavailable)
     }
 }
 

@@ -27,8 +27,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::idempotency::{self, Claim, IdempotencyStore};
 use super::wire::{self, WirePresence};
 use super::{
-    Broker, BrokerError, Deliver, DirectMessage, History, InstanceInfo, MessageId, PresenceEntry,
-    Registry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
+    Broker, BrokerError, Deliver, DirectMessage, Edge, History, InstanceInfo, MessageId, Occupant,
+    PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 use crate::config::{BrokerConfig, RedisConfig};
 use crate::supervise::{self, Exit, Handoff};
@@ -37,6 +37,7 @@ mod cluster;
 mod connect;
 mod history;
 mod names;
+mod occupancy;
 mod scripts;
 mod subscriber;
 
@@ -407,9 +408,9 @@ impl Registry for RedisBroker {
         })
     }
 
-    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<(), BrokerError> {
+    async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<bool, BrokerError> {
         let mut conn = self.master()?;
-        redis::cmd("EVAL")
+        let removed = redis::cmd("EVAL")
             .arg(UNTRACK_SCRIPT)
             .arg(3)
             .arg(names::presence(room))
@@ -420,7 +421,7 @@ impl Registry for RedisBroker {
             .query_async::<i64>(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
-        Ok(())
+        Ok(removed == 1)
     }
 
     async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError> {
@@ -433,8 +434,9 @@ impl Registry for RedisBroker {
         Ok(presence_entries(&values))
     }
 
-    async fn heartbeat(&self, me: &InstanceInfo) -> Result<(), BrokerError> {
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Vec<RoomName>, BrokerError> {
         let mut conn = self.master()?;
+        let mut vacated = Vec::new();
         let info = serde_json::to_string(me).map_err(|e| BrokerError::Other(e.to_string()))?;
         let ttl_ms = self.shared.heartbeat_ttl.as_millis() as u64;
         let dead: Vec<String> = redis::cmd("EVAL")
@@ -458,10 +460,15 @@ impl Registry for RedisBroker {
                 .await
                 .map_err(|e| self.failed(e))?;
             if reaped == 1 {
+                vacated.extend(
+                    occupancy::reap(&mut conn, OCCUPANCY, &id)
+                        .await
+                        .map_err(|e| self.failed(e))?,
+                );
                 tracing::info!(instance = %id, "removed a dead instance's presence");
             }
         }
-        Ok(())
+        Ok(vacated)
     }
 
     async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
@@ -474,6 +481,46 @@ impl Registry for RedisBroker {
             .await
             .map_err(|e| self.failed(e))?;
         Ok(instance_infos(&infos))
+    }
+
+    async fn set_local_count(
+        &self,
+        who: &Occupant,
+        count: usize,
+    ) -> Result<Option<Edge>, BrokerError> {
+        let mut conn = self.master()?;
+        occupancy::set_local_count(&mut conn, OCCUPANCY, &self.shared.instance_id, who, count)
+            .await
+            .map_err(|e| self.failed(e))
+    }
+
+    async fn count(&self, who: &Occupant) -> Result<u64, BrokerError> {
+        let live = self.live_ids().await?;
+        let mut conn = self.master()?;
+        occupancy::count(&mut conn, OCCUPANCY, who, &live)
+            .await
+            .map_err(|e| self.failed(e))
+    }
+
+    async fn rooms(&self, after: &str, limit: usize) -> Result<Vec<(RoomName, u64)>, BrokerError> {
+        let live = self.live_ids().await?;
+        let mut conn = self.master()?;
+        occupancy::rooms(&mut conn, OCCUPANCY, &live, after, limit)
+            .await
+            .map_err(|e| self.failed(e))
+    }
+}
+
+/// Occupancy keys with Sentinel or one server: plain names.
+const OCCUPANCY: occupancy::Keys = occupancy::Keys { tagged: false };
+
+impl RedisBroker {
+    async fn live_ids(&self) -> Result<std::collections::HashSet<String>, BrokerError> {
+        Ok(Registry::instances(self)
+            .await?
+            .into_iter()
+            .map(|i| i.id)
+            .collect())
     }
 }
 
