@@ -340,6 +340,21 @@ async fn cluster_three_instances_and_sigkill_of_the_rooms_master_lose_no_acked_m
         "bob sees alice's presence from another instance: {frames:?}"
     );
 
+    // Leaving a room is not a slot move: the instance's own SUNSUBSCRIBE must not make it
+    // resubscribe everything (it did, once per leave).
+    for n in 0..5 {
+        let r = format!("public:cluster-leave-{n}");
+        alice.join(&r).await;
+        alice.leave(&r).await;
+    }
+    alice.leave(lobby).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        b.metric_sum("rtgate_broker_resubscribes_total", "").await,
+        0.0,
+        "leaves caused resubscribes"
+    );
+
     let room: &'static str = "public:cluster-busy";
     let mut sub_b = b.user("sub-b").await;
     let mut sub_c = c.user("sub-c").await;

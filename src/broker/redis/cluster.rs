@@ -819,8 +819,12 @@ async fn serve(
                         PushKind::SMessage => {
                             on_push(shared, conn, &push.data, &mut probes).await.is_err()
                         }
-                        // A node connection dropped, or the server moved a channel's slot away.
-                        PushKind::Disconnection | PushKind::SUnsubscribe => true,
+                        // A node connection dropped.
+                        PushKind::Disconnection => true,
+                        // The server moved a wanted channel's slot away (not the confirmation
+                        // of this instance's own SUNSUBSCRIBE: resubscribing every room on
+                        // each leave cost O(rooms) SSUBSCRIBEs per leave).
+                        PushKind::SUnsubscribe => still_wanted(shared, &push.data, &probes),
                         _ => false,
                     };
                     resubscribe |= failed;
@@ -962,6 +966,24 @@ fn untag<'a>(channel: &'a str, prefix: &str) -> Option<&'a str> {
         .strip_prefix(prefix)?
         .strip_prefix('{')?
         .strip_suffix('}')
+}
+
+/// Whether the channel of a `sunsubscribe` push (`[channel, count]`) is one this instance
+/// still wants (a room or user with local members, or a probe channel).
+fn still_wanted(shared: &ClusterShared, data: &[Value], probes: &Probes) -> bool {
+    let Some(channel) = data
+        .first()
+        .and_then(|c| redis::from_redis_value_ref::<String>(c).ok())
+    else {
+        return true; // Unreadable: resubscribing is the safe side.
+    };
+    if let Some(room) = untag(&channel, names::ROOM_PREFIX) {
+        return shared.rooms.lock().contains_key(room);
+    }
+    if let Some(user) = untag(&channel, names::USER_PREFIX) {
+        return shared.users.lock().contains(user);
+    }
+    probes.channels().contains(&channel)
 }
 
 /// One sharded message: `[channel, payload]`.
