@@ -142,6 +142,26 @@ pub enum Control {
     Unsubscribe { room: String },
 }
 
+impl Control {
+    /// Longest close reason a WebSocket close frame carries (125 bytes less the code).
+    pub const MAX_REASON_BYTES: usize = 123;
+
+    /// A close code a server may send: 1000, 1001, 1008, 1011, 1013 or 3000-4999.
+    pub fn valid_code(code: u16) -> bool {
+        matches!(code, 1000 | 1001 | 1008 | 1011 | 1013 | 3000..=4999)
+    }
+
+    /// Checked wherever a command comes from (the API, or any writer of the broker).
+    pub fn is_valid(&self) -> bool {
+        match self {
+            Control::Disconnect { code, reason } => {
+                Self::valid_code(*code) && reason.len() <= Self::MAX_REASON_BYTES
+            }
+            Control::Unsubscribe { room } => crate::protocol::valid_room(room),
+        }
+    }
+}
+
 /// What the cluster-wide occupancy index counts: the members of a room, or the connections
 /// of a user, per instance.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

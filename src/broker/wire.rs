@@ -245,7 +245,7 @@ pub fn decode_direct(payload: &[u8]) -> Result<DirectMessage, DecodeError> {
     let kind = match &*w.kind {
         "" | "direct" => DirectKind::Message,
         "control" => {
-            if serde_json::from_str::<Control>(w.data.get()).is_err() {
+            if !serde_json::from_str::<Control>(w.data.get()).is_ok_and(|c| c.is_valid()) {
                 return Err(bad("data", "is not a control command"));
             }
             DirectKind::Control
@@ -590,6 +590,10 @@ mod tests {
             (r#"{"to":"bob","data":1,"sender_id":"a","ts_ms":1}"#, "data"),
             (
                 r#"{"type":"control","to":"b","data":{"action":"explode"},"sender_id":"a","ts_ms":1}"#,
+                "data",
+            ),
+            (
+                r#"{"type":"control","to":"b","data":{"action":"disconnect","code":1006,"reason":""},"sender_id":"a","ts_ms":1}"#,
                 "data",
             ),
             (

@@ -563,14 +563,15 @@ impl Deliver for Hub {
         };
         if msg.kind == DirectKind::Control {
             // Checked by the decoder; a command that does not parse is ignored.
-            match serde_json::from_str::<Control>(msg.data.get()) {
-                Ok(Control::Disconnect { code, reason }) => {
+            match serde_json::from_str::<Control>(msg.data.get()).map(|c| (c.is_valid(), c)) {
+                Ok((false, _)) => tracing::warn!("invalid control command ignored"),
+                Ok((true, Control::Disconnect { code, reason })) => {
                     for s in sessions {
                         s.close(code, reason.clone());
                     }
                     tracing::info!(user = %msg.to, connections = sessions.len(), code, "disconnected by the server API");
                 }
-                Ok(Control::Unsubscribe { room }) => {
+                Ok((true, Control::Unsubscribe { room })) => {
                     let room = RoomName::from(room);
                     for s in sessions {
                         s.kick(room.clone());

@@ -22,8 +22,7 @@ use crate::gateway::{Gateway, presence_map, room_event_frame, unavailable_messag
 use crate::protocol::{is_object, json_too_deep, now_ms, valid_room};
 use crate::telemetry::metric;
 
-/// Longest close reason a WebSocket close frame carries (125 bytes less the code).
-const MAX_REASON_BYTES: usize = 123;
+const MAX_REASON_BYTES: usize = Control::MAX_REASON_BYTES;
 
 pub fn routes() -> Router<Arc<Gateway>> {
     use axum::routing::{get, post};
@@ -360,8 +359,17 @@ async fn history(
     Query(query): Query<HistoryQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let run = async {
-        let room = room_name(&room)?;
+    call("history", &gw, &headers, history_page(&gw, &room, query)).await
+}
+
+/// The history call without the key check (also behind the demo page's own route).
+pub(super) async fn history_page(
+    gw: &Gateway,
+    room: &str,
+    query: HistoryQuery,
+) -> ApiResult<HistoryAnswer> {
+    {
+        let room = room_name(room)?;
         let page = gw.config.api.max_page;
         let limit = query.limit.unwrap_or(100);
         if limit == 0 || limit > page {
@@ -408,7 +416,7 @@ async fn history(
                     .await
                     .map_err(|e| unavailable(&e))?;
                 if found.events.is_empty() {
-                    occupied(&gw, &room).await?;
+                    occupied(gw, &room).await?;
                 }
                 (found.events, false)
             }
@@ -424,8 +432,7 @@ async fn history(
             messages,
             more,
         }))
-    };
-    call("history", &gw, &headers, run).await
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -565,7 +572,7 @@ async fn disconnect(
             serde_json::from_slice(&body).map_err(|e| bad_request(e.to_string()))?
         };
         let code = req.code.unwrap_or(crate::protocol::close::POLICY);
-        if !matches!(code, 1000 | 1001 | 1008 | 1011 | 1013 | 3000..=4999) {
+        if !Control::valid_code(code) {
             return Err(bad_request(
                 "`code` is 1000, 1001, 1008, 1011, 1013 or 3000-4999",
             ));

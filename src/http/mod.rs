@@ -50,7 +50,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         router = router
             .route("/", get(demo::page))
             .route("/demo/rtgate.js", get(demo::sdk))
-            .route("/api/v1/demo/token", get(demo::token));
+            .route("/api/v1/demo/token", get(demo::token))
+            .route("/api/v1/demo/rooms/{room}/history", get(demo::history));
     }
     router.with_state(gw)
 }
@@ -83,6 +84,26 @@ mod demo {
             SDK,
         )
             .into_response()
+    }
+
+    /// The server API's history of a `public:` room, without the API key (the demo page has
+    /// none; development only, like the token endpoint).
+    pub async fn history(
+        State(gw): State<Arc<Gateway>>,
+        axum::extract::Path(room): axum::extract::Path<String>,
+        Query(query): Query<api::HistoryQuery>,
+    ) -> Response {
+        if !room.starts_with("public:") {
+            return api_error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the demo reads public: rooms only",
+            );
+        }
+        match api::history_page(&gw, &room, query).await {
+            Ok(page) => page.into_response(),
+            Err(failure) => failure.into_response(),
+        }
     }
 
     /// A one-hour token for `?user=NAME` (1 to 32 of `[A-Za-z0-9_-]`), never an admin.

@@ -491,6 +491,40 @@ def test_public_key_from_existing_secret(chart, rtgate_bin, tmp_path):
         render(chart, merge(values, {"auth": {"publicKey": PEM}}))
 
 
+def test_room_rules_and_webhooks_reach_the_config(chart, rtgate_bin, tmp_path):
+    values = merge(SCENARIOS["redis-url"], {
+        "rooms": {"authorizeUrl": "http://app.app:8080/authorize", "authorizeTimeout": "1s",
+                  "rules": [{"prefix": "staff:", "policy": "admin"},
+                            {"prefix": "doc:", "policy": "hook",
+                             "authorizeUrl": "http://docs.app:8080/check"}]},
+        "webhooks": {"url": "http://app.app:8080/hooks", "secret": "a-webhook-secret-of-24b",
+                     "interval": "2s"},
+    })
+    docs = render(chart, values)
+    toml = one(docs, "ConfigMap")["data"]["rtgate.toml"]
+    assert "a-webhook-secret" not in toml, "the webhook secret comes from the Secret"
+    secret = one(docs, "Secret")
+    assert "webhook-secret" in secret["data"]
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["RTGATE_WEBHOOKS__SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "webhook-secret"
+    path = tmp_path / "rtgate.toml"
+    path.write_text(toml)
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("RTGATE_", "OTEL_"))}
+    run_env["RTGATE_WEBHOOKS__SECRET"] = "a-webhook-secret-of-24b"
+    res = subprocess.run([str(rtgate_bin), "config", "check", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, env=run_env)
+    assert res.returncode == 0, f"{res.stderr}{res.stdout}\n{toml}"
+    effective = tomllib.loads(res.stdout)
+    assert effective["rooms"]["rules"] == [
+        {"prefix": "staff:", "policy": "admin"},
+        {"prefix": "doc:", "policy": "hook", "authorize_url": "http://docs.app:8080/check"}]
+    assert effective["rooms"]["authorize_timeout"] == "1s"
+    assert effective["webhooks"]["url"] == "http://app.app:8080/hooks"
+    assert effective["webhooks"]["secret"] == "<redacted>"
+    with pytest.raises(helm.HelmError):
+        render(chart, merge(values, {"rooms": {"rules": [{"prefix": "x:", "policy": "everyone"}]}}))
+
+
 def test_redis_tls_ca_from_existing_secret(chart):
     values = merge(SCENARIOS["redis-cluster"], {"redis": {"tls": {"existingCaSecret": "redis-ca"}}})
     docs = render(chart, values)

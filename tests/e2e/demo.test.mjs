@@ -124,6 +124,13 @@ test("two pages on two instances chat and see each other's presence", async (t) 
         return log.includes("alicehello from A") && log.includes("bobhi from B");
       }, null, { timeout: 10000 });
     }
+    // A page opened later shows what was said before, from the history call.
+    const carol = await browser.newPage();
+    await carol.goto(`${a}/?user=carol`);
+    await carol.waitForFunction(() => {
+      const log = document.getElementById("log").textContent;
+      return log.includes("alicehello from A") && log.includes("bobhi from B");
+    }, null, { timeout: 10000 });
     mkdirSync(path.join(root, "target"), { recursive: true });
     const shot = path.join(root, "target", "e2e-demo.png");
     await bob.screenshot({ path: shot, fullPage: true });
