@@ -253,12 +253,15 @@ pub enum RoomPolicy {
     Allow,
     /// Only admins.
     Deny,
+    /// The app's backend decides (`rooms.authorize_url`), as for a `hook` rule.
+    Hook,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
-    /// Rooms no rule matches: `allow` (any user) or `deny` (admins only).
+    /// Rooms no rule matches: `allow` (any user), `deny` (admins only) or `hook` (the app's
+    /// backend decides, at `rooms.authorize_url`).
     pub policy: RoomPolicy,
     /// Presence entries one room holds at most (all instances); `track` beyond gets
     /// `limit_exceeded`.
@@ -799,6 +802,12 @@ impl Config {
                     "policy \"hook\" needs authorize_url here or rooms.authorize_url",
                 ));
             }
+        }
+        if self.rooms.policy == RoomPolicy::Hook && self.rooms.authorize_url.is_empty() {
+            return Err(bad(
+                "rooms.authorize_url",
+                "rooms.policy = \"hook\" needs rooms.authorize_url",
+            ));
         }
         if !self.rooms.authorize_url.is_empty() && !http_url(&self.rooms.authorize_url) {
             return Err(bad(

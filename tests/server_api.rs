@@ -469,6 +469,48 @@ async fn webhooks_are_signed_batched_and_announce_rooms_and_presence() {
     }
 }
 
+/// A receiver that answers errors gets the same batch again (backoff) until it takes it:
+/// every event arrives once.
+#[tokio::test]
+async fn a_refused_webhook_batch_is_retried() {
+    let backend = Backend::start().await;
+    let cfg = format!(
+        "[webhooks]\nurl = \"{}\"\nsecret = \"{HOOK_SECRET}\"\ninterval = \"100ms\"\n",
+        backend.url("/hooks-flaky")
+    );
+    let server = Server::start(&cfg).await;
+    let room = "public:flaky";
+    let mut kay = server.user("kay").await;
+    kay.join(room).await;
+    let events = backend
+        .wait_events(Duration::from_secs(5), |e| {
+            !events_named(e, "room_occupied", room).is_empty()
+        })
+        .await;
+    assert_eq!(
+        events_named(&events, "room_occupied", room).len(),
+        1,
+        "{events:?}"
+    );
+    assert!(server.metric_sum("rtgate_webhook_failures_total", "").await >= 2.0);
+    kay.leave(room).await;
+    let events = backend
+        .wait_events(Duration::from_secs(5), |e| {
+            !events_named(e, "room_vacated", room).is_empty()
+        })
+        .await;
+    assert_eq!(
+        events_named(&events, "room_occupied", room).len(),
+        1,
+        "{events:?}"
+    );
+    assert_eq!(
+        events_named(&events, "room_vacated", room).len(),
+        1,
+        "{events:?}"
+    );
+}
+
 /// A receiver that is down blocks nothing: delivery goes on, failures and drops are counted.
 #[tokio::test]
 async fn a_dead_webhook_receiver_blocks_nothing() {
@@ -557,6 +599,18 @@ async fn openapi_document_matches_the_running_server() {
         let schema = &doc["paths"][template][method]["responses"]["200"]["content"]["application/json"]
             ["schema"];
         check_shape(&doc, schema, &answer, template);
+    }
+    // Errors too: the documented 404 and 401 bodies.
+    for (status, path, key) in [
+        (404, "/api/v1/users/nobody/disconnect", Some(API_KEY)),
+        (401, "/api/v1/users/jay/disconnect", None),
+    ] {
+        let (got, answer) = api_with_key(&server, "POST", path, None, key).await;
+        assert_eq!(got, status, "{path}: {answer}");
+        let schema = &doc["paths"]["/api/v1/users/{user}/disconnect"]["post"]["responses"]
+            [status.to_string()]["content"]["application/json"]["schema"];
+        assert!(schema.is_object(), "{status} is documented");
+        check_shape(&doc, schema, &answer, path);
     }
 }
 

@@ -56,6 +56,8 @@ pub struct RoomAccess {
     /// Longest prefix first.
     rules: Vec<Rule>,
     fallback: RoomPolicy,
+    /// `rooms.authorize_url`, for `rooms.policy = "hook"`.
+    fallback_url: String,
     client: reqwest::Client,
     cache_ttl: Duration,
     cache_max: usize,
@@ -103,6 +105,7 @@ impl RoomAccess {
         Ok(Self {
             rules,
             fallback: cfg.policy,
+            fallback_url: cfg.authorize_url.clone(),
             client,
             cache_ttl: cfg.authorize_cache,
             cache_max: cfg.authorize_cache_max,
@@ -117,8 +120,9 @@ impl RoomAccess {
         let Some(rule) = self.rules.iter().find(|r| room.starts_with(&r.prefix)) else {
             return match self.fallback {
                 RoomPolicy::Allow => Ok(Verdict::Allowed),
-                RoomPolicy::Deny if who.admin => Ok(Verdict::Allowed),
+                _ if who.admin => Ok(Verdict::Allowed),
                 RoomPolicy::Deny => Err(forbidden()),
+                RoomPolicy::Hook => Ok(Verdict::Hook(&self.fallback_url)),
             };
         };
         match rule.policy {
@@ -279,6 +283,29 @@ mod tests {
         for room in ["staff:x", "private:bob", "other", "public:ro-news"] {
             assert!(access.check(&admin, room).await.is_ok(), "{room}");
         }
+    }
+
+    #[test]
+    fn rooms_no_rule_matches_may_go_to_the_hook() {
+        let cfg = RoomsConfig {
+            policy: RoomPolicy::Hook,
+            authorize_url: "http://127.0.0.1:9/authorize".into(),
+            ..RoomsConfig::default()
+        };
+        let access = RoomAccess::new(&cfg).unwrap();
+        let ann = who("ann", false);
+        assert!(matches!(
+            access.rule_for(&ann, "team:x"),
+            Ok(Verdict::Hook("http://127.0.0.1:9/authorize"))
+        ));
+        assert!(matches!(
+            access.rule_for(&ann, "public:x"),
+            Ok(Verdict::Allowed)
+        ));
+        assert!(matches!(
+            access.rule_for(&who("root", true), "team:x"),
+            Ok(Verdict::Allowed)
+        ));
     }
 
     #[tokio::test]

@@ -23,6 +23,8 @@ pub struct Delivery {
 struct Recorded {
     authorize: Vec<Value>,
     hooks: Vec<Delivery>,
+    /// POSTs to `/hooks-flaky` refused so far (the first two are).
+    refused: usize,
 }
 
 pub struct Backend {
@@ -76,12 +78,29 @@ async fn hooks(
     StatusCode::NO_CONTENT
 }
 
+/// `/hooks`, but the first two POSTs get 500 (nothing recorded): the sender must retry.
+async fn flaky_hooks(
+    State(r): State<Arc<Mutex<Recorded>>>,
+    headers: HeaderMap,
+    body: String,
+) -> StatusCode {
+    {
+        let mut rec = r.lock().unwrap();
+        if rec.refused < 2 {
+            rec.refused += 1;
+            return StatusCode::INTERNAL_SERVER_ERROR;
+        }
+    }
+    hooks(State(r), headers, body).await
+}
+
 impl Backend {
     pub async fn start() -> Backend {
         let recorded = Arc::new(Mutex::new(Recorded::default()));
         let app = axum::Router::new()
             .route("/authorize", post(authorize))
             .route("/hooks", post(hooks))
+            .route("/hooks-flaky", post(flaky_hooks))
             .with_state(recorded.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
