@@ -287,44 +287,11 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     tracing::info!(instance = %gw.instance_id(), broker = gw.broker.kind(), "started");
 
     rtgate::telemetry::metric::started();
-    // Heartbeats and the sweeper: restarted if they ever end or panic before the stop.
-    {
-        let (gw, stop) = (gw.clone(), stop.clone());
-        rtgate::supervise::spawn(
-            "maintenance",
-            move || {
-                let (gw, stop) = (gw.clone(), stop.clone());
-                async move {
-                    gw.run_maintenance(stop.clone()).await;
-                    if stop.is_cancelled() {
-                        rtgate::supervise::Exit::Done
-                    } else {
-                        rtgate::supervise::Exit::Failed
-                    }
-                }
-            },
-            || {},
-        );
-    }
-    // The occupancy index (rooms listing, occupied/vacated) and the webhook sender.
-    {
-        let (gw, stop) = (gw.clone(), stop.clone());
-        rtgate::supervise::spawn(
-            "occupancy",
-            move || {
-                let (gw, stop) = (gw.clone(), stop.clone());
-                async move {
-                    gw.run_occupancy(stop.clone()).await;
-                    if stop.is_cancelled() {
-                        rtgate::supervise::Exit::Done
-                    } else {
-                        rtgate::supervise::Exit::Failed
-                    }
-                }
-            },
-            || {},
-        );
-    }
+    // Heartbeats and the sweeper; the occupancy index (rooms listing, occupied/vacated).
+    supervise_until_stop("maintenance", &gw, &stop, |gw, stop| {
+        gw.run_maintenance(stop)
+    });
+    supervise_until_stop("occupancy", &gw, &stop, |gw, stop| gw.run_occupancy(stop));
     let webhooks = tokio::spawn(gw.webhooks.clone().run(
         stop.clone(),
         config.shutdown.grace.min(Duration::from_secs(5)),
@@ -373,6 +340,36 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     let _ = webhooks.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs a task of the gateway under the supervisor: restarted if it ends or panics before
+/// `stop`.
+fn supervise_until_stop<F, Fut>(
+    name: &'static str,
+    gw: &Arc<Gateway>,
+    stop: &CancellationToken,
+    task: F,
+) where
+    F: Fn(Arc<Gateway>, CancellationToken) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (gw, stop) = (gw.clone(), stop.clone());
+    rtgate::supervise::spawn(
+        name,
+        move || {
+            let run = task(gw.clone(), stop.clone());
+            let stop = stop.clone();
+            async move {
+                run.await;
+                if stop.is_cancelled() {
+                    rtgate::supervise::Exit::Done
+                } else {
+                    rtgate::supervise::Exit::Failed
+                }
+            }
+        },
+        || {},
+    );
 }
 
 async fn wait_for_signal() {

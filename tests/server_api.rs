@@ -48,6 +48,16 @@ async fn api_with_key(
     )
 }
 
+/// The ids of a history page's messages.
+fn ids_in(page: &Value) -> Vec<&str> {
+    page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id"))
+        .collect()
+}
+
 fn error_code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("<none>")
 }
@@ -78,12 +88,7 @@ async fn history_presence_rooms_and_their_errors() {
     )
     .await;
     assert_eq!(status, 200, "{page}");
-    let got: Vec<&str> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let got = ids_in(&page);
     assert_eq!(got, ids[1..].iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(page["messages"][0]["type"], "message");
     assert_eq!(page["messages"][0]["sender_id"], "alice");
@@ -96,12 +101,7 @@ async fn history_presence_rooms_and_their_errors() {
     )
     .await;
     assert_eq!(status, 200, "{page}");
-    let got: Vec<&str> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let got = ids_in(&page);
     assert_eq!(got, [ids[1].as_str(), ids[2].as_str()]);
     assert_eq!(page["more"], true);
     // Three more trim ids[1] out of a 5-message history: a gap after ids[0], as for join.

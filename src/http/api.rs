@@ -439,6 +439,23 @@ pub(super) async fn history_page(
 // Presence
 // ---------------------------------------------------------------------------------------------
 
+/// The room's presence on every instance; 404 when nobody is there and it has no member.
+async fn presence_of(
+    gw: &Gateway,
+    room: &str,
+) -> Result<(RoomName, Vec<crate::broker::PresenceEntry>), Failure> {
+    let room = room_name(room)?;
+    let entries = gw
+        .registry
+        .presence(&room)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    if entries.is_empty() {
+        occupied(gw, &room).await?;
+    }
+    Ok((room, entries))
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct PresenceAnswer {
     room: String,
@@ -473,15 +490,7 @@ async fn presence(
     headers: HeaderMap,
 ) -> Response {
     let run = async {
-        let room = room_name(&room)?;
-        let entries = gw
-            .registry
-            .presence(&room)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        if entries.is_empty() {
-            occupied(&gw, &room).await?;
-        }
+        let (room, entries) = presence_of(&gw, &room).await?;
         Ok(Json(PresenceAnswer {
             room: room.to_string(),
             presence: presence_map(&entries),
@@ -507,15 +516,7 @@ async fn presence_stats(
     headers: HeaderMap,
 ) -> Response {
     let run = async {
-        let room = room_name(&room)?;
-        let entries = gw
-            .registry
-            .presence(&room)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        if entries.is_empty() {
-            occupied(&gw, &room).await?;
-        }
+        let (room, entries) = presence_of(&gw, &room).await?;
         let users: std::collections::HashSet<&str> = entries.iter().map(|e| &*e.user_id).collect();
         Ok(Json(PresenceStats {
             room: room.to_string(),
