@@ -725,12 +725,6 @@ impl Config {
                 "redis.url, redis.sentinels and redis.cluster_nodes exclude each other: set one",
             ));
         }
-        if self.broker.kind == BrokerKind::Kafka && !self.redis.cluster_nodes.is_empty() {
-            return Err(bad(
-                "redis.cluster_nodes",
-                "presence for the Kafka broker takes redis.url or redis.sentinels, not a Cluster (yet)",
-            ));
-        }
         if self.broker.kind == BrokerKind::Redis {
             if !self.redis.is_configured() {
                 return Err(bad(
@@ -1026,11 +1020,11 @@ mod tests {
             assert_eq!(e.key, "redis.cluster_nodes");
             assert!(e.message.contains("redis.url") && e.message.contains("redis.sentinels"));
         }
-        let e = Config::from_toml_str(&format!(
+        // A Cluster may serve as the Kafka broker's registry.
+        let kafka = Config::from_toml_str(&format!(
             "[broker]\nkind = \"kafka\"\n[kafka]\nbrokers = [\"k:9092\"]\n[redis]\n{cluster}"
-        ))
-        .unwrap_err();
-        assert_eq!(e.key, "redis.cluster_nodes");
+        ));
+        assert!(kafka.is_ok(), "{:?}", kafka.err());
     }
 
     #[test]

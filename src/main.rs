@@ -212,7 +212,19 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             // Presence, heartbeats and idempotency keys: Redis when configured, else this
             // process only.
             let (registry, idempotency): (Arc<dyn Registry>, Arc<dyn IdempotencyStore>) =
-                if config.redis.is_configured() {
+                if !config.redis.cluster_nodes.is_empty() {
+                    let cluster = Arc::new(
+                        ClusterBroker::start(
+                            config.redis.clone(),
+                            &config.broker,
+                            config.heartbeat.ttl,
+                            hub.instance_id().clone(),
+                            hub.clone(),
+                        )
+                        .presence_only(),
+                    );
+                    (cluster.clone(), cluster)
+                } else if config.redis.is_configured() {
                     let redis = Arc::new(
                         RedisBroker::start(
                             config.redis.clone(),

@@ -461,3 +461,85 @@ async fn a_deaf_consumer_fails_its_probes_and_resumes_with_nothing_lost() {
             >= 1.0
     );
 }
+
+/// Kafka for messages, a Redis Cluster beside it for presence, heartbeats, occupancy and
+/// idempotency keys: two instances see each other, share presence and the rooms listing, and
+/// a repeated idempotency key publishes once.
+#[tokio::test]
+async fn a_redis_cluster_serves_as_the_registry() {
+    if !require_kafka() || !require_redis() {
+        return;
+    }
+    let kafka = KafkaServer::start().await;
+    let topo = common::redis::ClusterTopology::start().await;
+    let nodes: Vec<String> = topo
+        .seed_addrs()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    let cfg =
+        kafka_toml(&kafka, None) + &format!("[redis]\ncluster_nodes = [{}]\n", nodes.join(", "));
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let stats = a
+        .wait_stats(Duration::from_secs(15), |s| s["instances"] == 2)
+        .await;
+    assert_eq!(stats["broker"], "kafka");
+    let room = "public:kafka-cluster";
+    let mut on_a = a.user("ann").await;
+    let mut on_b = b.user("ben").await;
+    on_a.join(room).await;
+    on_a.request_ok(json!({"type": "track", "room": room, "data": {"at": "a"}}))
+        .await;
+    let joined = on_b.request(json!({"type": "join", "room": room})).await;
+    assert_eq!(joined["type"], "ack", "{joined}");
+    let state = on_b
+        .recv_until(|v| v["type"] == "presence_state", WAIT)
+        .await
+        .expect("presence_state");
+    assert_eq!(state["data"]["ann"][0]["at"], "a", "{state}");
+    // Live presence diffs cross instances through the Cluster.
+    on_b.request_ok(json!({"type": "track", "room": room, "data": {"at": "b"}}))
+        .await;
+    let diff = on_a
+        .recv_until(
+            |v| v["type"] == "presence_diff" && v["data"]["joins"]["ben"].is_array(),
+            WAIT,
+        )
+        .await
+        .expect("ben's join reaches A");
+    assert_eq!(diff["room"], room);
+    // Messages through Kafka, once, with an idempotency key kept in the Cluster.
+    let first = on_a
+        .request_ok(
+            json!({"type": "message", "room": room, "data": {"n": 1}, "idempotency_key": "k1"}),
+        )
+        .await;
+    let again = on_a
+        .request_ok(
+            json!({"type": "message", "room": room, "data": {"n": 1}, "idempotency_key": "k1"}),
+        )
+        .await;
+    assert_eq!(first["data"]["id"], again["data"]["id"]);
+    let frames = on_b.collect_for(Duration::from_millis(800)).await;
+    assert_eq!(messages_in(&frames, room).len(), 1, "{frames:?}");
+    // The rooms listing sums both instances.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = a
+            .http_client()
+            .get(a.http("/api/v1/rooms"))
+            .bearer_auth(common::API_KEY)
+            .send()
+            .await
+            .map(|r| (r.status().as_u16(), r))
+            .expect("GET /api/v1/rooms");
+        assert_eq!(status, 200);
+        let rooms: Value = body.json().await.expect("json");
+        if rooms["rooms"] == json!([{"room": room, "members": 2}]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rooms listing: {rooms}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

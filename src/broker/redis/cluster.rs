@@ -110,6 +110,10 @@ impl ClusterShared {
 pub struct ClusterBroker {
     shared: Arc<ClusterShared>,
     requests: mpsc::UnboundedSender<Request>,
+    /// Only the registry (presence, instances, occupancy) and idempotency keys of another
+    /// message broker (Kafka): `watch` subscribes the room channel, which then carries only
+    /// presence diffs.
+    presence_only: bool,
 }
 
 impl Drop for ClusterBroker {
@@ -168,7 +172,14 @@ impl ClusterBroker {
         Self {
             shared,
             requests: tx,
+            presence_only: false,
         }
+    }
+
+    /// Serves as the registry and idempotency store of another broker (Kafka).
+    pub fn presence_only(mut self) -> Self {
+        self.presence_only = true;
+        self
     }
 
     fn conn(&self) -> Result<ClusterConnection, BrokerError> {
@@ -258,6 +269,34 @@ impl ClusterBroker {
         }
         Ok(id)
     }
+}
+
+/// Idempotency keys for Kafka with a Cluster beside it: one key per scope, tagged by room.
+#[async_trait::async_trait]
+impl IdempotencyStore for ClusterBroker {
+    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError> {
+        let mut conn = self.conn()?;
+        super::keyed::claim(&mut conn, &idempotency_key(scope), window)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn complete(&self, scope: &str, id: MessageId, window: Duration) {
+        if let Ok(mut conn) = self.conn() {
+            super::keyed::complete(&mut conn, &idempotency_key(scope), id, window).await;
+        }
+    }
+
+    async fn abandon(&self, scope: &str) {
+        if let Ok(mut conn) = self.conn() {
+            super::keyed::abandon(&mut conn, &idempotency_key(scope)).await;
+        }
+    }
+}
+
+/// `rt:idem:{<scope>}`: any slot will do for a single key.
+fn idempotency_key(scope: &str) -> String {
+    names::idempotency(&tag(scope))
 }
 
 /// Occupancy keys on a Cluster: the room, user or instance as a hash tag.
@@ -368,12 +407,21 @@ impl Registry for ClusterBroker {
         self.shared.ready.load(Ordering::SeqCst)
     }
 
-    /// The room's subscription carries its presence diffs.
-    fn watch(&self, _room: &RoomName) -> Subscribed {
-        futures_util::future::ready(Ok(())).boxed()
+    /// The room's subscription carries its presence diffs (subscribed here when another
+    /// broker carries the messages).
+    fn watch(&self, room: &RoomName) -> Subscribed {
+        if self.presence_only {
+            Broker::subscribe(self, room)
+        } else {
+            futures_util::future::ready(Ok(())).boxed()
+        }
     }
 
-    fn unwatch(&self, _room: &RoomName) {}
+    fn unwatch(&self, room: &RoomName) {
+        if self.presence_only {
+            Broker::unsubscribe(self, room);
+        }
+    }
 
     async fn track(
         &self,

@@ -569,25 +569,30 @@ impl From<InstanceInfoOwned> for InstanceInfo {
 }
 
 /// Idempotency keys for a broker that has no script of its own (Kafka with a Redis side):
-/// a placeholder claimed with `SET NX`, replaced by the id once the publish is acked.
-#[async_trait::async_trait]
-impl IdempotencyStore for RedisBroker {
-    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError> {
-        const PENDING: &str = "pending";
-        let mut conn = self.master()?;
-        let key = names::idempotency(scope);
+/// a placeholder claimed with `SET NX`, replaced by the id once the publish is acked. One key
+/// per scope, so the same commands serve a Cluster.
+pub(super) mod keyed {
+    use super::*;
+    use redis::aio::ConnectionLike;
+
+    const PENDING: &str = "pending";
+
+    pub(in crate::broker::redis) async fn claim<C: ConnectionLike + Send>(
+        conn: &mut C,
+        key: &str,
+        window: Duration,
+    ) -> Result<Claim, RedisError> {
         let (set, current): (Option<String>, Option<String>) = redis::pipe()
             .cmd("SET")
-            .arg(&key)
+            .arg(key)
             .arg(PENDING)
             .arg("NX")
             .arg("PX")
             .arg(window.as_millis() as u64)
             .cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.failed(e))?;
+            .arg(key)
+            .query_async(conn)
+            .await?;
         if set.is_some() {
             return Ok(Claim::Fresh);
         }
@@ -601,27 +606,50 @@ impl IdempotencyStore for RedisBroker {
         })
     }
 
+    pub(in crate::broker::redis) async fn complete<C: ConnectionLike + Send>(
+        conn: &mut C,
+        key: &str,
+        id: MessageId,
+        window: Duration,
+    ) {
+        let done: Result<(), _> = redis::cmd("SET")
+            .arg(key)
+            .arg(id.to_string())
+            .arg("PX")
+            .arg(window.as_millis() as u64)
+            .query_async(conn)
+            .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "idempotency key not recorded");
+        }
+    }
+
+    pub(in crate::broker::redis) async fn abandon<C: ConnectionLike + Send>(
+        conn: &mut C,
+        key: &str,
+    ) {
+        let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(conn).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for RedisBroker {
+    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError> {
+        let mut conn = self.master()?;
+        keyed::claim(&mut conn, &names::idempotency(scope), window)
+            .await
+            .map_err(|e| self.failed(e))
+    }
+
     async fn complete(&self, scope: &str, id: MessageId, window: Duration) {
         if let Ok(mut conn) = self.master() {
-            let done: Result<(), _> = redis::cmd("SET")
-                .arg(names::idempotency(scope))
-                .arg(id.to_string())
-                .arg("PX")
-                .arg(window.as_millis() as u64)
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = done {
-                tracing::warn!(error = %e, "idempotency key not recorded");
-            }
+            keyed::complete(&mut conn, &names::idempotency(scope), id, window).await;
         }
     }
 
     async fn abandon(&self, scope: &str) {
         if let Ok(mut conn) = self.master() {
-            let _: Result<(), _> = redis::cmd("DEL")
-                .arg(names::idempotency(scope))
-                .query_async(&mut conn)
-                .await;
+            keyed::abandon(&mut conn, &names::idempotency(scope)).await;
         }
     }
 }
