@@ -211,9 +211,10 @@ impl Hub {
     /// Waits until some room or user count changed, then returns what changed.
     pub async fn changed_occupancy(&self) -> Vec<Occupant> {
         loop {
-            let changed: Vec<Occupant> = self.dirty.lock().drain().collect();
+            // Taken, not drained: a burst of connects must not leave its capacity behind.
+            let changed = std::mem::take(&mut *self.dirty.lock());
             if !changed.is_empty() {
-                return changed;
+                return changed.into_iter().collect();
             }
             self.dirty_wake.notified().await;
         }
@@ -730,7 +731,9 @@ impl Gateway {
 
     /// After the drain: the last occupancy changes (every room left), bounded by `limit`.
     pub async fn flush_occupancy(&self, limit: Duration) {
-        let changed: Vec<Occupant> = self.hub.dirty.lock().drain().collect();
+        let changed: Vec<Occupant> = std::mem::take(&mut *self.hub.dirty.lock())
+            .into_iter()
+            .collect();
         if changed.is_empty() {
             return;
         }

@@ -214,7 +214,8 @@ impl Connection {
                 _ = session.closing.notified() => {
                     // Kicked out of rooms by the server API, or closing (or both).
                     for room in session.take_kicked() {
-                        self.kicked_from(&room).await;
+                        // Boxed: a rare path, kept out of every idle connection's task.
+                        Box::pin(self.kicked_from(&room)).await;
                     }
                     if self.session.queue.is_closing() {
                         break;
