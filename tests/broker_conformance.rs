@@ -339,8 +339,11 @@ async fn presence_is_shared_and_diffed(a: &Instance, b: &Instance) {
         conn_id: "a:1".into(),
         meta: Arc::from(raw(r#"{"status":"online","session_id":"a:1"}"#)),
     };
-    let tracked = a.registry.track(&room, entry, 1000).await.unwrap();
-    assert_eq!(tracked, rtgate::broker::Tracked::Stored);
+    let tracked = a.registry.track(&room, entry.clone(), 1000).await.unwrap();
+    assert_eq!(tracked, rtgate::broker::Tracked::Added);
+    // The same connection again: its entry is replaced, not added.
+    let again = a.registry.track(&room, entry, 1000).await.unwrap();
+    assert_eq!(again, rtgate::broker::Tracked::Replaced);
     for inst in [a, b] {
         inst.sink
             .wait("join diff", |s| {

@@ -421,6 +421,9 @@ async fn webhooks_are_signed_batched_and_announce_rooms_and_presence() {
     hal.join(room).await;
     gus.request_ok(json!({"type": "track", "room": room, "data": {"mood": "ok"}}))
         .await;
+    // A second track only changes the meta: no second join.
+    gus.request_ok(json!({"type": "track", "room": room, "data": {"mood": "fine"}}))
+        .await;
     gus.request_ok(json!({"type": "untrack", "room": room}))
         .await;
     gus.leave(room).await;

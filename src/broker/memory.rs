@@ -218,12 +218,17 @@ impl Registry for MemoryBroker {
             entries.push(entry.clone());
             old
         };
+        let replaced_any = replaced.is_some();
         self.announce(PresenceDiff {
             room: room.clone(),
             joins: vec![entry],
             leaves: replaced.into_iter().collect(),
         });
-        Ok(Tracked::Stored)
+        Ok(if replaced_any {
+            Tracked::Replaced
+        } else {
+            Tracked::Added
+        })
     }
 
     async fn untrack(&self, room: &RoomName, conn_id: &Arc<str>) -> Result<bool, BrokerError> {

@@ -213,8 +213,10 @@ pub struct PresenceDiff {
 /// What `track` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tracked {
-    /// Added, or replaced this connection's earlier entry.
-    Stored,
+    /// The connection had no entry in the room.
+    Added,
+    /// Replaced the connection's earlier entry.
+    Replaced,
     /// The room is at its presence limit; nothing changed.
     RoomFull,
 }

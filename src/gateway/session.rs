@@ -800,7 +800,10 @@ impl Connection {
                 format!("room `{room}` has {max} presence entries (rooms.max_presence_per_room)"),
             ));
         }
-        self.gw.webhooks.presence_join(&room, &entry);
+        // Once per connection and room: a `track` that only changes the meta is no join.
+        if tracked == Tracked::Added {
+            self.gw.webhooks.presence_join(&room, &entry);
+        }
         Ok(Some("{}".into()))
     }
 

@@ -458,10 +458,10 @@ impl Registry for ClusterBroker {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(if stored == 1 {
-            Tracked::Stored
-        } else {
-            Tracked::RoomFull
+        Ok(match stored {
+            0 => Tracked::RoomFull,
+            2 => Tracked::Replaced,
+            _ => Tracked::Added,
         })
     }
 

@@ -401,10 +401,10 @@ impl Registry for RedisBroker {
             .query_async::<i64>(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
-        Ok(if stored == 1 {
-            Tracked::Stored
-        } else {
-            Tracked::RoomFull
+        Ok(match stored {
+            0 => Tracked::RoomFull,
+            2 => Tracked::Replaced,
+            _ => Tracked::Added,
         })
     }
 

@@ -59,7 +59,8 @@ return redis.call('PUBLISH', KEYS[2], ARGV[1])
 ";
 
 /// Adds or replaces a connection's presence and announces the diff on the room channel, unless
-/// the room holds ARGV[4] other entries already (then returns 0).
+/// the room holds ARGV[4] other entries already (then returns 0). Returns 1 when added, 2 when
+/// replaced.
 /// KEYS: presence hash, instance index, room channel. ARGV: conn id, entry JSON, index member,
 /// most entries.
 pub(super) const TRACK_SCRIPT: &str = r#"
@@ -70,6 +71,7 @@ redis.call('SADD', KEYS[2], ARGV[3])
 local leaves = ''
 if old then leaves = old end
 redis.call('PUBLISH', KEYS[3], '{"type":"presence_diff","data":{"joins":[' .. ARGV[2] .. '],"leaves":[' .. leaves .. ']}}')
+if old then return 2 end
 return 1
 "#;
 
