@@ -112,9 +112,12 @@ impl Webhooks {
         let mut backoff = self.cfg.interval;
         loop {
             if batch.is_empty() {
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = stop.cancelled() => break,
+                // More than a batch may be waiting already: only an empty queue waits for news.
+                if self.queue.lock().is_empty() {
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = stop.cancelled() => break,
+                    }
                 }
                 // Batched: at most one POST per interval.
                 tokio::select! {

@@ -514,6 +514,34 @@ async fn a_refused_webhook_batch_is_retried() {
     );
 }
 
+/// More events than one batch, all at once, then silence: every batch still goes out (at most
+/// `batch_max` events per POST).
+#[tokio::test]
+async fn a_backlog_longer_than_a_batch_is_sent_without_new_events() {
+    let backend = Backend::start().await;
+    let cfg = webhooks_toml(&backend, None).replace("interval = \"200ms\"", "interval = \"300ms\"")
+        + "batch_max = 2\n";
+    let server = Server::start(&cfg).await;
+    let mut lou = server.user("lou").await;
+    for n in 0..7 {
+        lou.join(&format!("public:backlog-{n}")).await;
+    }
+    let events = backend
+        .wait_events(Duration::from_secs(8), |e| {
+            e.iter().filter(|v| v["event"] == "room_occupied").count() >= 7
+        })
+        .await;
+    let occupied = events
+        .iter()
+        .filter(|v| v["event"] == "room_occupied")
+        .count();
+    assert_eq!(occupied, 7, "{events:?}");
+    for d in backend.deliveries() {
+        let body: Value = serde_json::from_str(&d.body).unwrap();
+        assert!(body["events"].as_array().unwrap().len() <= 2, "{}", d.body);
+    }
+}
+
 /// A receiver that is down blocks nothing: delivery goes on, failures and drops are counted.
 #[tokio::test]
 async fn a_dead_webhook_receiver_blocks_nothing() {
