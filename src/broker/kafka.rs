@@ -247,7 +247,20 @@ impl KafkaBroker {
         self
     }
 
+    /// [`Self::produce_unbounded`] within twice `kafka.publish_timeout` (the queue wait, then
+    /// the delivery): librdkafka was seen, rarely, not to report a record while the broker
+    /// was down, and a publish must always be answered.
     async fn produce(&self, msg: &RoomMessage) -> Result<MessageId, BrokerError> {
+        let limit = self.shared.cfg.publish_timeout * 2;
+        match tokio::time::timeout(limit, self.produce_unbounded(msg)).await {
+            Ok(result) => result,
+            Err(_) => Err(unavailable(format!(
+                "Kafka did not confirm the record within {limit:?}"
+            ))),
+        }
+    }
+
+    async fn produce_unbounded(&self, msg: &RoomMessage) -> Result<MessageId, BrokerError> {
         let topic = room_topic(&msg.room);
         ensure_topic(&self.shared, &topic).await?;
         let payload = wire::encode_message(msg, false);
