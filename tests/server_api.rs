@@ -353,6 +353,25 @@ async fn join_authorization_asks_the_backend_and_caches_its_answer() {
         "answer reused from the cache"
     );
 
+    // An allow whose meta defaults are over the presence limits: allowed, defaults ignored.
+    erin.join("app:bigmeta-1").await;
+    erin.request_ok(json!({"type": "track", "room": "app:bigmeta-1", "data": {"color": "red"}}))
+        .await;
+    let (_, presence) = api(&server, "GET", "/api/v1/rooms/app:bigmeta-1/presence", None).await;
+    assert_eq!(
+        presence["presence"]["erin"][0]["color"], "red",
+        "{presence}"
+    );
+    assert!(
+        presence["presence"]["erin"][0].get("filler").is_none(),
+        "{presence}"
+    );
+    assert!(
+        server
+            .metric_sum("rtgate_limit_exceeded_total", "authorize_answer_bytes")
+            .await
+            >= 1.0
+    );
     erin.request_err(json!({"type": "join", "room": "app:deny-1"}), "forbidden")
         .await;
     let started = std::time::Instant::now();

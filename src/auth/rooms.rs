@@ -62,6 +62,10 @@ pub struct RoomAccess {
     cache_ttl: Duration,
     cache_max: usize,
     cache: Mutex<Cache>,
+    /// Presence meta defaults from the backend are held to the client's own limits
+    /// (`ws.max_presence_bytes`, `ws.max_json_depth`); the answer body is read no further.
+    max_meta_bytes: usize,
+    max_meta_depth: usize,
 }
 
 #[derive(Deserialize)]
@@ -110,7 +114,46 @@ impl RoomAccess {
             cache_ttl: cfg.authorize_cache,
             cache_max: cfg.authorize_cache_max,
             cache: Mutex::default(),
+            max_meta_bytes: crate::config::WsConfig::default().max_presence_bytes,
+            max_meta_depth: crate::config::WsConfig::default().max_json_depth,
         })
+    }
+
+    /// The limits of presence meta (`ws.max_presence_bytes`, `ws.max_json_depth`).
+    pub fn with_meta_limits(mut self, max_bytes: usize, max_depth: usize) -> Self {
+        self.max_meta_bytes = max_bytes;
+        self.max_meta_depth = max_depth;
+        self
+    }
+
+    /// An allowing answer's `{"meta": {...}}`, if it is one within the limits. The body is
+    /// read only up to what such an answer can take: a backend's answer is input too.
+    async fn meta_of(&self, mut answer: reqwest::Response) -> Allowed {
+        let most = self.max_meta_bytes.saturating_add(64);
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = answer.chunk().await {
+            if body.len() + chunk.len() > most {
+                tracing::warn!(
+                    most,
+                    "authorize answer too long: its meta defaults are ignored"
+                );
+                metric::limit_exceeded("authorize_answer_bytes");
+                return None;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let meta = serde_json::from_slice::<HookAnswer>(&body).ok()?.meta?;
+        let fits = crate::protocol::is_object(&meta)
+            && meta.get().len() <= self.max_meta_bytes
+            && !crate::protocol::json_too_deep(meta.get(), self.max_meta_depth);
+        if !fits {
+            tracing::warn!(
+                "authorize answer's meta is not an object within the presence limits: ignored"
+            );
+            metric::limit_exceeded("authorize_meta");
+            return None;
+        }
+        Some(Arc::from(meta))
     }
 
     /// What the rules say of `who` in `room` without asking anyone: allowed, refused, or up
@@ -165,12 +208,7 @@ impl RoomAccess {
         let answer = match result {
             Ok(r) if r.status() == reqwest::StatusCode::OK => {
                 // A body that is not `{"meta": {...}}` allows without meta defaults.
-                let bytes = r.bytes().await.unwrap_or_default();
-                let meta = serde_json::from_slice::<HookAnswer>(&bytes)
-                    .ok()
-                    .and_then(|a| a.meta)
-                    .filter(|m| crate::protocol::is_object(m))
-                    .map(Arc::from);
+                let meta = self.meta_of(r).await;
                 metric::authorized("allow");
                 Ok(meta)
             }

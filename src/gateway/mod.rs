@@ -87,7 +87,11 @@ impl Session {
 
     /// Makes the connection leave `room` (the server API's unsubscribe): its reader does it.
     fn kick(&self, room: RoomName) {
-        self.kicked.lock().push(room);
+        let mut kicked = self.kicked.lock();
+        if !kicked.contains(&room) {
+            kicked.push(room);
+        }
+        drop(kicked);
         self.closing.notify_one();
     }
 
@@ -450,6 +454,37 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// A server API command for the local connections of `msg.to`. One lock at a time: the
+    /// users map for a disconnect, the room for an unsubscribe (only members are kicked, so a
+    /// connection's kick list stays within its rooms whatever the broker carries).
+    fn control(&self, msg: &DirectMessage) {
+        // Checked by the decoder; a command that does not parse is ignored.
+        match serde_json::from_str::<Control>(msg.data.get()).map(|c| (c.is_valid(), c)) {
+            Ok((false, _)) => tracing::warn!("invalid control command ignored"),
+            Ok((true, Control::Disconnect { code, reason })) => {
+                let users = self.users.read();
+                let sessions = users.get(&msg.to).map_or(&[][..], Vec::as_slice);
+                for s in sessions {
+                    s.close(code, reason.clone());
+                }
+                tracing::info!(user = %msg.to, connections = sessions.len(), code, "disconnected by the server API");
+            }
+            Ok((true, Control::Unsubscribe { room })) => {
+                let rooms = self.rooms.read();
+                if let Some((name, entry)) = rooms.get_key_value(room.as_str()) {
+                    for m in &entry.members {
+                        if m.session.identity.user_id == msg.to {
+                            m.session.kick(name.clone());
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "unreadable control command"),
+        }
+    }
+}
+
 /// `message`/`system` frame of a stored event: what every local recipient gets.
 pub fn room_event_frame(event: &RoomEvent) -> Utf8Bytes {
     let ts = format_ts(event.msg.ts_ms);
@@ -558,30 +593,14 @@ impl Deliver for Hub {
     }
 
     fn direct(&self, msg: Arc<DirectMessage>) {
+        if msg.kind == DirectKind::Control {
+            self.control(&msg);
+            return;
+        }
         let users = self.users.read();
         let Some(sessions) = users.get(&msg.to) else {
             return;
         };
-        if msg.kind == DirectKind::Control {
-            // Checked by the decoder; a command that does not parse is ignored.
-            match serde_json::from_str::<Control>(msg.data.get()).map(|c| (c.is_valid(), c)) {
-                Ok((false, _)) => tracing::warn!("invalid control command ignored"),
-                Ok((true, Control::Disconnect { code, reason })) => {
-                    for s in sessions {
-                        s.close(code, reason.clone());
-                    }
-                    tracing::info!(user = %msg.to, connections = sessions.len(), code, "disconnected by the server API");
-                }
-                Ok((true, Control::Unsubscribe { room })) => {
-                    let room = RoomName::from(room);
-                    for s in sessions {
-                        s.kick(room.clone());
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "unreadable control command"),
-            }
-            return;
-        }
         let ts = format_ts(msg.ts_ms);
         let frame = Utf8Bytes::from(
             ServerFrame {
@@ -641,7 +660,8 @@ impl Gateway {
         hub: Arc<Hub>,
         advertised_address: String,
     ) -> anyhow::Result<Self> {
-        let access = RoomAccess::new(&config.rooms)?;
+        let access = RoomAccess::new(&config.rooms)?
+            .with_meta_limits(config.ws.max_presence_bytes, config.ws.max_json_depth);
         let webhooks = Webhooks::new(config.webhooks.clone(), hub.instance_id().clone());
         Ok(Self {
             config,

@@ -1,7 +1,8 @@
 //! A stand-in for the app's backend, on a free loopback port: the join authorization endpoint
 //! (`POST /authorize`) and the webhook receiver (`POST /hooks`). Answers by room name:
-//! a room containing `allow` gets 200 with presence meta defaults, `deny` 403, `slow` an answer
-//! after 5 s, `error` 500. Every call is recorded.
+//! a room containing `allow` gets 200 with presence meta defaults, `bigmeta` 200 with meta
+//! defaults of 100 kB, `deny` 403, `slow` an answer after 5 s, `error` 500. Every call is
+//! recorded.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,7 +47,14 @@ async fn authorize(State(r): State<Arc<Mutex<Recorded>>>, body: String) -> (Stat
     if room.contains("slow") {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    if room.contains("allow") {
+    if room.contains("bigmeta") {
+        // Allowed, with meta defaults far over any presence limit.
+        let filler = "x".repeat(100_000);
+        (
+            StatusCode::OK,
+            json!({"meta": {"filler": filler}}).to_string(),
+        )
+    } else if room.contains("allow") {
         (
             StatusCode::OK,
             json!({"meta": {"role": "member", "color": "blue"}}).to_string(),

@@ -112,27 +112,41 @@ pub(super) async fn rooms<C: ConnectionLike + Send>(
     after: &str,
     limit: usize,
 ) -> Result<Vec<(RoomName, u64)>, RedisError> {
-    let mut names = BTreeSet::new();
-    for instance in live {
-        let held: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(keys.held_by("room", instance))
-            .query_async(conn)
-            .await?;
-        names.extend(
-            held.into_iter()
-                .filter(|r| r.as_str() > after && valid_name("room", r)),
-        );
-    }
+    // A page of names at a time: memory stays within a page whatever the sets hold. A name
+    // whose count is gone (a stale set entry) is skipped and the next page read, so a short
+    // page means the last one.
     let mut out = Vec::new();
-    for name in names {
-        if out.len() >= limit {
+    let mut cursor = after.to_string();
+    while out.len() < limit {
+        let mut names = BTreeSet::new();
+        for instance in live {
+            let held: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(keys.held_by("room", instance))
+                .query_async(conn)
+                .await?;
+            for name in held {
+                if name > cursor && valid_name("room", &name) {
+                    names.insert(name);
+                    if names.len() > limit {
+                        names.pop_last();
+                    }
+                }
+            }
+        }
+        let Some(last) = names.last().cloned() else {
             break;
+        };
+        for name in names {
+            if out.len() >= limit {
+                break;
+            }
+            let room = RoomName::from(name);
+            let n = count(conn, keys, &Occupant::Room(room.clone()), live).await?;
+            if n > 0 {
+                out.push((room, n));
+            }
         }
-        let room = RoomName::from(name);
-        let n = count(conn, keys, &Occupant::Room(room.clone()), live).await?;
-        if n > 0 {
-            out.push((room, n));
-        }
+        cursor = last;
     }
     Ok(out)
 }
