@@ -346,6 +346,32 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn the_cache_keeps_at_most_its_bound_forgetting_the_oldest() {
+        let cfg = RoomsConfig {
+            authorize_cache_max: 2,
+            ..RoomsConfig::default()
+        };
+        let access = RoomAccess::new(&cfg).unwrap();
+        let key = |r: &str| -> CacheKey { (Arc::from("ann"), Arc::from(r)) };
+        for r in ["app:1", "app:2", "app:3"] {
+            access.remember(key(r), Ok(None));
+        }
+        assert_eq!(access.cache.lock().answers.len(), 2);
+        assert!(
+            access.cached(&key("app:1")).is_none(),
+            "the oldest is forgotten"
+        );
+        assert!(access.cached(&key("app:3")).is_some());
+        let off = RoomAccess::new(&RoomsConfig {
+            authorize_cache: Duration::ZERO,
+            ..RoomsConfig::default()
+        })
+        .unwrap();
+        off.remember(key("app:1"), Err(()));
+        assert!(off.cached(&key("app:1")).is_none(), "0s: nothing cached");
+    }
+
     #[tokio::test]
     async fn a_hook_that_cannot_be_reached_is_unavailable_and_not_cached() {
         let cfg = RoomsConfig {
