@@ -555,3 +555,154 @@ async fn a_redis_cluster_serves_as_the_registry() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Every record of `topic` read with a plain consumer: (id as rtgate gives it, payload).
+async fn topic_records(kafka: &KafkaServer, topic: &str) -> Vec<(String, Value)> {
+    let (addr, topic) = (kafka.addr(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &addr)
+            .set("group.id", "plain-reader")
+            .create()
+            .unwrap();
+        let (_, high) = consumer
+            .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut next = 0;
+        while next < high && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                next = m.offset() + 1;
+                let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+                out.push((format!("0-{}", m.offset() + 1), v));
+            }
+        }
+        assert!(next >= high, "read {next} of {high} records of {topic}");
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// Publishes with `key` until acked (retrying `unavailable` for up to 20 s); the id.
+async fn publish_keyed_until_acked(
+    server: &Server,
+    client: &mut common::Client,
+    room: &str,
+    data: Value,
+    key: &str,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = client
+            .request(json!({"type": "message", "room": room, "data": data, "idempotency_key": key}))
+            .await;
+        if reply["type"] == "ack" {
+            return reply["data"]["id"].as_str().unwrap().to_string();
+        }
+        assert_eq!(reply["data"]["code"], "unavailable", "{reply}");
+        assert!(
+            Instant::now() < deadline,
+            "never acked: {reply}\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A keyed publish whose ack was lost: the broker stores the record, its answer is lost on
+/// the way back (a proxy drops produce answers), the publish times out (`unavailable`).
+/// Before: the retry with the same key stored it a second time under a new id, and every
+/// subscriber got it twice. Now the retry finds the record by its key and is acked with its
+/// id. Run with keys in this process (one instance) and in Redis (the retry through another
+/// instance).
+#[tokio::test]
+async fn a_keyed_retry_after_a_lost_ack_is_not_stored_twice() {
+    if !require_kafka() || !require_redis() {
+        return;
+    }
+    let kafka = KafkaServer::start_with_ack_loss().await;
+    let redis = RedisServer::start_standalone().await;
+    for (case, with_redis) in [("in-process keys", false), ("keys in Redis", true)] {
+        let cfg = kafka_toml(&kafka, with_redis.then_some(&redis));
+        let a = Server::start(&cfg).await;
+        let b = if with_redis {
+            Some(Server::start(&cfg).await)
+        } else {
+            None
+        };
+        let room = if with_redis {
+            "public:lost-ack-redis"
+        } else {
+            "public:lost-ack"
+        };
+        let mut sub = b.as_ref().unwrap_or(&a).user("s").await;
+        sub.join(room).await;
+        let mut first = a.user("p").await;
+        first.publish(room, json!({"seq": 0})).await;
+
+        kafka.lose_produce_acks(true);
+        // Answered within twice kafka.publish_timeout.
+        let reply = first
+            .request_within(
+                json!({"type": "message", "room": room, "data": {"seq": 1}, "idempotency_key": "k-1"}),
+                Duration::from_secs(6),
+            )
+            .await;
+        assert_eq!(reply["data"]["code"], "unavailable", "{case}: {reply}");
+        kafka.lose_produce_acks(false);
+        assert!(kafka.lost_produce_acks() > 0, "{case}: no ack was lost");
+
+        // The broker took the record: this is the case under test.
+        let topic = rtgate::broker::kafka::room_topic(room);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stored_id = loop {
+            let records = topic_records(&kafka, &topic).await;
+            if let Some((id, _)) = records.iter().find(|(_, v)| v["data"]["seq"] == 1) {
+                break id.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{case}: the broker did not store the timed-out record: {records:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+
+        // The retry, through the other instance when keys are shared.
+        let mut retrier = b.as_ref().unwrap_or(&a).user("p").await;
+        let id = publish_keyed_until_acked(
+            b.as_ref().unwrap_or(&a),
+            &mut retrier,
+            room,
+            json!({"seq": 1}),
+            "k-1",
+        )
+        .await;
+        assert_eq!(
+            id, stored_id,
+            "{case}: the retry is acked with the stored id"
+        );
+        retrier.publish(room, json!({"seq": 2})).await;
+
+        let records = topic_records(&kafka, &topic).await;
+        let seqs: Vec<u64> = records
+            .iter()
+            .map(|(_, v)| v["data"]["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, [0, 1, 2], "{case}: stored once each, in order");
+        let frames = sub.collect_for(Duration::from_secs(2)).await;
+        let got: Vec<u64> = messages_in(&frames, room)
+            .iter()
+            .map(|m| m["data"]["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, [0, 1, 2], "{case}: delivered once each, in order");
+        println!(
+            "{case}: the timed-out record was stored as {stored_id}; the retry was acked with it"
+        );
+    }
+}

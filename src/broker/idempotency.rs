@@ -45,6 +45,10 @@ pub enum Claim {
     Repeat(MessageId),
     /// A publish with this key is still under way; the caller may retry.
     InFlight,
+    /// An earlier publish with this key failed with its outcome unknown (a timeout after the
+    /// record left): it may be stored at or after this broker position. The claim is now the
+    /// caller's, as for [`Claim::Fresh`], and it must look there before publishing again.
+    Uncertain(u64),
 }
 
 impl Claim {
@@ -59,12 +63,16 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     async fn complete(&self, scope: &str, id: MessageId, window: Duration);
     /// The publish failed: a retry may publish.
     async fn abandon(&self, scope: &str);
+    /// The publish failed but may have been stored at or after position `from`: the next
+    /// claim gets [`Claim::Uncertain`].
+    async fn uncertain(&self, scope: &str, from: u64, window: Duration);
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Slot {
     Pending,
     Done(MessageId),
+    Uncertain(u64),
 }
 
 #[derive(Default)]
@@ -103,15 +111,20 @@ impl LocalIdempotency {
     }
 
     fn set(&self, scope: &str, slot: Slot, window: Duration) {
+        let mut keys = self.keys.lock();
+        self.set_locked(&mut keys, scope, slot, window);
+    }
+
+    fn set_locked(&self, keys: &mut Keys, scope: &str, slot: Slot, window: Duration) {
         let now = Instant::now();
         let until = now + window;
-        let mut keys = self.keys.lock();
-        expire(&mut keys, now);
+        expire(keys, now);
         let scope: Arc<str> = Arc::from(scope);
         keys.slots.insert(scope.clone(), (slot, until));
         keys.order.push_back((until, scope));
-        // Each key has at most two entries in `order` (pending, done): both stay bounded.
-        while keys.slots.len() > self.max_keys || keys.order.len() > 2 * self.max_keys {
+        // Each key has at most three entries in `order` (pending, uncertain, done): all stay
+        // bounded.
+        while keys.slots.len() > self.max_keys || keys.order.len() > 3 * self.max_keys {
             let Some((until, oldest)) = keys.order.pop_front() else {
                 break;
             };
@@ -148,10 +161,15 @@ impl IdempotencyStore for LocalIdempotency {
             match keys.slots.get(scope) {
                 Some((Slot::Done(id), _)) => return Ok(Claim::Repeat(*id)),
                 Some((Slot::Pending, _)) => return Ok(Claim::InFlight),
+                Some((Slot::Uncertain(from), _)) => {
+                    let from = *from;
+                    self.set_locked(&mut keys, scope, Slot::Pending, window);
+                    return Ok(Claim::Uncertain(from));
+                }
                 None => {}
             }
+            self.set_locked(&mut keys, scope, Slot::Pending, window);
         }
-        self.set(scope, Slot::Pending, window);
         Ok(Claim::Fresh)
     }
 
@@ -161,6 +179,10 @@ impl IdempotencyStore for LocalIdempotency {
 
     async fn abandon(&self, scope: &str) {
         self.keys.lock().slots.remove(scope);
+    }
+
+    async fn uncertain(&self, scope: &str, from: u64, window: Duration) {
+        self.set(scope, Slot::Uncertain(from), window);
     }
 }
 
@@ -194,6 +216,21 @@ mod tests {
         assert_eq!(store.claim("r|s|other", w).await.unwrap(), Claim::Fresh);
         store.abandon("r|s|other").await;
         assert_eq!(store.claim("r|s|other", w).await.unwrap(), Claim::Fresh);
+    }
+
+    #[tokio::test]
+    async fn an_uncertain_outcome_is_handed_to_one_claim_at_a_time() {
+        let store = LocalIdempotency::new(10);
+        let w = Duration::from_secs(60);
+        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::Fresh);
+        store.uncertain("r|s|k", 41, w).await;
+        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::Uncertain(41));
+        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::InFlight);
+        store.complete("r|s|k", MessageId::new(0, 42), w).await;
+        assert_eq!(
+            store.claim("r|s|k", w).await.unwrap(),
+            Claim::Repeat(MessageId::new(0, 42))
+        );
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,6 +40,9 @@ pub const DIRECT_TOPIC: &str = "rt.direct.v1";
 /// Self-probes: each instance writes records keyed by its id and expects to read them back.
 pub const PROBE_TOPIC: &str = "rt.probe.v1";
 const TRACEPARENT: &str = "traceparent";
+/// The idempotency scope of a keyed record, so that a retry whose first attempt timed out can
+/// find it (Kafka gives no id for a record whose ack was lost).
+const IDEMPOTENCY_HEADER: &str = "rt-idempotency";
 /// Kafka's longest topic name.
 const MAX_TOPIC_LEN: usize = 249;
 
@@ -143,8 +146,10 @@ impl Drop for KafkaBroker {
 pub struct KafkaBroker {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
-    /// Serializes `since` replays on one reader.
+    /// Serializes `since` replays (and searches for keyed records) on one reader.
     history: tokio::sync::Mutex<Option<BaseConsumer<QuietContext>>>,
+    /// Asks for a topic's end before a keyed publish: where a search starts if the ack is lost.
+    offsets: Arc<BaseConsumer<QuietContext>>,
     /// Where `idempotency_key`s are remembered: Redis when configured, else this process.
     idempotency: Arc<dyn IdempotencyStore>,
     idempotency_window: Duration,
@@ -196,6 +201,7 @@ impl KafkaBroker {
             },
             &cfg,
         );
+        let offsets = Arc::new(consumer_config.create_with_context(QuietContext)?);
         let shared = Arc::new(Shared {
             cfg,
             sink,
@@ -235,6 +241,7 @@ impl KafkaBroker {
             shared,
             commands: tx,
             history: tokio::sync::Mutex::new(None),
+            offsets,
             idempotency: Arc::new(LocalIdempotency::new(100_000)),
             idempotency_window: Duration::from_secs(300),
         })
@@ -250,9 +257,13 @@ impl KafkaBroker {
     /// [`Self::produce_unbounded`] within twice `kafka.publish_timeout` (the queue wait, then
     /// the delivery): librdkafka was seen, rarely, not to report a record while the broker
     /// was down, and a publish must always be answered.
-    async fn produce(&self, msg: &RoomMessage) -> Result<MessageId, BrokerError> {
+    async fn produce(
+        &self,
+        msg: &RoomMessage,
+        scope: Option<&str>,
+    ) -> Result<MessageId, BrokerError> {
         let limit = self.shared.cfg.publish_timeout * 2;
-        match tokio::time::timeout(limit, self.produce_unbounded(msg)).await {
+        match tokio::time::timeout(limit, self.produce_unbounded(msg, scope)).await {
             Ok(result) => result,
             Err(_) => Err(unavailable(format!(
                 "Kafka did not confirm the record within {limit:?}"
@@ -260,28 +271,190 @@ impl KafkaBroker {
         }
     }
 
-    async fn produce_unbounded(&self, msg: &RoomMessage) -> Result<MessageId, BrokerError> {
+    async fn produce_unbounded(
+        &self,
+        msg: &RoomMessage,
+        scope: Option<&str>,
+    ) -> Result<MessageId, BrokerError> {
         let topic = room_topic(&msg.room);
         ensure_topic(&self.shared, &topic).await?;
         let payload = wire::encode_message(msg, false);
-        // One partition carries a room, so the room stays totally ordered.
-        let mut record = FutureRecord::<(), _>::to(&topic)
-            .partition(0)
-            .payload(&payload);
+        let mut headers = OwnedHeaders::new();
         if let Some(tp) = &msg.traceparent {
-            record = record.headers(OwnedHeaders::new().insert(Header {
+            headers = headers.insert(Header {
                 key: TRACEPARENT,
                 value: Some(tp.as_bytes()),
-            }));
+            });
         }
-        let (partition, offset) = self
-            .shared
-            .producer()
-            .send(record, self.shared.cfg.publish_timeout)
-            .await
-            .map_err(|(e, _)| unavailable(e))?;
+        if let Some(scope) = scope {
+            headers = headers.insert(Header {
+                key: IDEMPOTENCY_HEADER,
+                value: Some(scope.as_bytes()),
+            });
+        }
+        let keyed = headers.count() > 0;
+        let record = || {
+            // One partition carries a room, so the room stays totally ordered.
+            let record = FutureRecord::<(), _>::to(&topic)
+                .partition(0)
+                .payload(&payload);
+            if keyed {
+                record.headers(headers.clone())
+            } else {
+                record
+            }
+        };
+        let (partition, offset) = self.shared.send(record).await?;
         Ok(record_id(partition, offset))
     }
+
+    /// A keyed publish. Its topic's end is read first: if the ack is then lost (a timeout,
+    /// a broker that stalled after taking the record), the key is left uncertain from there,
+    /// and the retry looks for the record instead of storing it twice.
+    async fn publish_keyed(
+        &self,
+        msg: &RoomMessage,
+        scope: &str,
+    ) -> Result<MessageId, BrokerError> {
+        let window = self.idempotency_window;
+        let topic = room_topic(&msg.room);
+        ensure_topic(&self.shared, &topic).await?;
+        let (claim, end) = tokio::join!(
+            self.idempotency.claim(scope, window),
+            self.topic_end(&topic)
+        );
+        let from = match claim? {
+            Claim::Repeat(id) => {
+                crate::telemetry::metric::idempotent_repeat();
+                return Ok(id);
+            }
+            Claim::InFlight => return Err(Claim::in_flight_error()),
+            Claim::Uncertain(from) => match self.find_keyed(&topic, from, scope).await {
+                Ok(Some(id)) => {
+                    crate::telemetry::metric::idempotent_repeat();
+                    self.idempotency.complete(scope, id, window).await;
+                    return Ok(id);
+                }
+                // Not stored: publish, still uncertain from the first attempt's position.
+                Ok(None) => from,
+                Err(e) => {
+                    self.idempotency.uncertain(scope, from, window).await;
+                    return Err(e);
+                }
+            },
+            Claim::Fresh => match end {
+                Ok(end) => end,
+                Err(e) => {
+                    // Nothing was sent.
+                    self.idempotency.abandon(scope).await;
+                    return Err(e);
+                }
+            },
+        };
+        match self.produce(msg, Some(scope)).await {
+            Ok(id) => {
+                self.idempotency.complete(scope, id, window).await;
+                Ok(id)
+            }
+            Err(e) => {
+                self.idempotency.uncertain(scope, from, window).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The offset the next record of `topic` will get.
+    async fn topic_end(&self, topic: &str) -> Result<u64, BrokerError> {
+        let offsets = self.offsets.clone();
+        let topic = topic.to_string();
+        let timeout = self.shared.cfg.publish_timeout;
+        tokio::task::spawn_blocking(move || offsets.fetch_watermarks(&topic, 0, timeout))
+            .await
+            .map_err(|e| BrokerError::Other(e.to_string()))?
+            .map(|(_, high)| high.max(0) as u64)
+            .map_err(unavailable)
+    }
+
+    /// The id of the record of `topic` at or after offset `from` that carries `scope`, if
+    /// the log has one. Bounded by `kafka.publish_timeout`: a search that cannot finish is
+    /// `unavailable`, and the key stays uncertain for the next retry.
+    async fn find_keyed(
+        &self,
+        topic: &str,
+        from: u64,
+        scope: &str,
+    ) -> Result<Option<MessageId>, BrokerError> {
+        let mut reader = self.history.lock().await;
+        let consumer = match reader.take() {
+            Some(c) => c,
+            None => self
+                .shared
+                .consumer_config
+                .create_with_context::<_, BaseConsumer<QuietContext>>(QuietContext)
+                .map_err(unavailable)?,
+        };
+        let timeout = self.shared.cfg.publish_timeout;
+        let (topic, scope) = (topic.to_string(), scope.to_string());
+        let (consumer, result) = tokio::task::spawn_blocking(move || {
+            let result = search_keyed(&consumer, &topic, from, &scope, timeout);
+            (consumer, result)
+        })
+        .await
+        .map_err(|e| BrokerError::Other(e.to_string()))?;
+        *reader = Some(consumer);
+        result
+    }
+}
+
+/// Reads `topic` from offset `from` to its end for a record whose idempotency header is
+/// `scope`.
+fn search_keyed(
+    consumer: &BaseConsumer<QuietContext>,
+    topic: &str,
+    from: u64,
+    scope: &str,
+    timeout: Duration,
+) -> Result<Option<MessageId>, BrokerError> {
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, timeout)
+        .map_err(unavailable)?;
+    let start = i64::try_from(from).unwrap_or(i64::MAX).max(low);
+    if start >= high {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(start))
+        .map_err(unavailable)?;
+    consumer.assign(&tpl).map_err(unavailable)?;
+    let deadline = Instant::now() + timeout;
+    let mut next = start;
+    let mut found = None;
+    while next < high && found.is_none() && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if m.topic() == topic && m.offset() >= next => {
+                next = m.offset() + 1;
+                let keyed = m.headers().is_some_and(|h| {
+                    h.iter()
+                        .any(|h| h.key == IDEMPOTENCY_HEADER && h.value == Some(scope.as_bytes()))
+                });
+                if keyed {
+                    found = Some(record_id(m.partition(), m.offset()));
+                }
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(e)) => {
+                let _ = consumer.unassign();
+                return Err(unavailable(e));
+            }
+        }
+    }
+    let _ = consumer.unassign();
+    if found.is_none() && next < high {
+        return Err(unavailable(
+            "could not check within kafka.publish_timeout whether an earlier attempt with this idempotency_key was stored",
+        ));
+    }
+    Ok(found)
 }
 
 /// Runs `run` under a supervisor until the broker is dropped. The supervisor holds the shared
@@ -329,6 +502,74 @@ impl Shared {
     fn producer(&self) -> FutureProducer<QuietContext> {
         self.producer.lock().clone()
     }
+
+    /// Sends the record `make` builds. A producer that an error left unusable is replaced, so
+    /// records go out with a new producer id instead of failing forever: an idempotent
+    /// producer whose in-flight record timed out (a lost ack) can be fenced by the broker, or
+    /// end in a fatal state, and then refuses every record. A record the broker refused as
+    /// fenced was not stored, so it is sent once more, on the new producer.
+    async fn send<'a, K, P>(
+        &self,
+        make: impl Fn() -> FutureRecord<'a, K, P>,
+    ) -> Result<(i32, i64), BrokerError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized + 'a,
+        P: rdkafka::message::ToBytes + ?Sized + 'a,
+    {
+        let producer = self.producer();
+        let error = match producer.send(make(), self.cfg.publish_timeout).await {
+            Ok(position) => return Ok(position),
+            Err((e, _)) => e,
+        };
+        if !producer_is_broken(&producer, &error) {
+            return Err(unavailable(error));
+        }
+        self.replace_producer(&producer, &error);
+        let refused = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+        );
+        if !refused {
+            return Err(unavailable(error));
+        }
+        self.producer()
+            .send(make(), self.cfg.publish_timeout)
+            .await
+            .map_err(|(e, _)| unavailable(e))
+    }
+
+    /// Replaces `broken` with a new producer, unless another caller did already.
+    fn replace_producer(&self, broken: &FutureProducer<QuietContext>, error: &KafkaError) {
+        let mut current = self.producer.lock();
+        if current.client().native_ptr() != broken.client().native_ptr() {
+            return;
+        }
+        match create_producer(&self.cfg) {
+            Ok(p) => {
+                tracing::warn!(%error, "Kafka producer unusable; replaced with a new one");
+                crate::telemetry::metric::broker_reconnect();
+                *current = p;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot recreate the producer"),
+        }
+    }
+}
+
+/// Whether `producer` refuses every record from now on.
+fn producer_is_broken(producer: &FutureProducer<QuietContext>, error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    producer.client().fatal_error().is_some()
+        || matches!(
+            error.rdkafka_error_code(),
+            Some(
+                C::ProducerFenced
+                    | C::InvalidProducerEpoch
+                    | C::OutOfOrderSequenceNumber
+                    | C::UnknownProducerId
+                    | C::InvalidProducerIdMapping
+                    | C::Fatal
+            )
+        )
 }
 
 /// Creates `topic` unless it is known to exist.
@@ -400,28 +641,9 @@ impl Broker for KafkaBroker {
         if !self.shared.ready.load(Ordering::SeqCst) {
             return Err(unavailable("Kafka is not reachable"));
         }
-        let Some(scope) = idempotency::scope(&msg) else {
-            return self.produce(&msg).await;
-        };
-        let window = self.idempotency_window;
-        match self.idempotency.claim(&scope, window).await? {
-            Claim::Repeat(id) => {
-                crate::telemetry::metric::idempotent_repeat();
-                Ok(id)
-            }
-            Claim::InFlight => Err(Claim::in_flight_error()),
-            Claim::Fresh => match self.produce(&msg).await {
-                Ok(id) => {
-                    self.idempotency.complete(&scope, id, window).await;
-                    Ok(id)
-                }
-                Err(e) => {
-                    // Not acked, so a retry may publish. A record whose ack was lost in a
-                    // timeout may still be stored: Kafka gives no id to answer a retry with.
-                    self.idempotency.abandon(&scope).await;
-                    Err(e)
-                }
-            },
+        match idempotency::scope(&msg) {
+            Some(scope) => self.publish_keyed(&msg, &scope).await,
+            None => self.produce(&msg, None).await,
         }
     }
 
@@ -501,15 +723,12 @@ impl Broker for KafkaBroker {
         ensure_topic(&self.shared, DIRECT_TOPIC).await?;
         let payload = wire::encode_direct(&msg);
         self.shared
-            .producer()
-            .send(
+            .send(|| {
                 FutureRecord::to(DIRECT_TOPIC)
                     .key(msg.to.as_bytes())
-                    .payload(&payload),
-                self.shared.cfg.publish_timeout,
-            )
-            .await
-            .map_err(|(e, _)| unavailable(e))?;
+                    .payload(&payload)
+            })
+            .await?;
         Ok(())
     }
 
@@ -666,16 +885,13 @@ async fn watch_health(shared: Arc<Shared>, commands: mpsc::UnboundedSender<Comma
 async fn send_probe(shared: &Shared, seq: u64) -> Result<(), BrokerError> {
     ensure_topic(shared, PROBE_TOPIC).await?;
     let payload = seq.to_string();
-    let record = FutureRecord::to(PROBE_TOPIC)
-        .partition(0)
-        .key(shared.instance_id.as_bytes())
-        .payload(payload.as_bytes());
-    shared
-        .producer()
-        .send(record, shared.cfg.publish_timeout)
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| unavailable(e))
+    let record = || {
+        FutureRecord::to(PROBE_TOPIC)
+            .partition(0)
+            .key(shared.instance_id.as_bytes())
+            .payload(payload.as_bytes())
+    };
+    shared.send(record).await.map(|_| ())
 }
 
 /// What a partition carries.

@@ -6,10 +6,15 @@
 //! `libsql` feature: `$TANSU_LIBSQL_BIN`, else `target/tools/bin/tansu` (built and cached there
 //! by `scripts/test`).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
 /// Where the tansu binary is, if anywhere.
@@ -50,7 +55,12 @@ pub fn require_kafka() -> bool {
 }
 
 pub struct KafkaServer {
+    /// The port clients use: the broker's own, or its [`AckLoss`] proxy's.
     pub port: u16,
+    /// The port the broker listens on.
+    broker_port: u16,
+    /// Set by [`KafkaServer::start_with_ack_loss`].
+    ack_loss: Option<AckLoss>,
     child: Option<Child>,
     log: PathBuf,
     /// SQLite storage (a file in the temp dir) instead of memory.
@@ -76,15 +86,51 @@ impl KafkaServer {
         Self::start_with(true).await
     }
 
-    async fn start_with(persistent: bool) -> KafkaServer {
+    /// A broker (in memory) that clients reach through an [`AckLoss`] proxy: it advertises
+    /// the proxy's address, so every client connection goes through it.
+    pub async fn start_with_ack_loss() -> KafkaServer {
+        let broker_port = free_port();
+        let ack_loss = AckLoss::start(broker_port).await;
+        let mut server = Self::new(false, broker_port);
+        server.port = ack_loss.port;
+        server.ack_loss = Some(ack_loss);
+        server.spawn().await;
+        server
+    }
+
+    fn new(persistent: bool, port: u16) -> KafkaServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut server = KafkaServer {
-            port: free_port(),
+        KafkaServer {
+            port,
+            broker_port: port,
+            ack_loss: None,
             child: None,
             log: dir.path().join("tansu.log"),
             persistent,
             dir,
-        };
+        }
+    }
+
+    /// While `on`, the broker's answers to produce requests are lost on the way to the
+    /// clients (the records are stored; their acks never arrive). Needs
+    /// [`KafkaServer::start_with_ack_loss`].
+    pub fn lose_produce_acks(&self, on: bool) {
+        let proxy = self
+            .ack_loss
+            .as_ref()
+            .expect("started with an ack-loss proxy");
+        proxy.losing.store(on, Ordering::SeqCst);
+    }
+
+    /// How many produce answers were lost so far.
+    pub fn lost_produce_acks(&self) -> u64 {
+        self.ack_loss
+            .as_ref()
+            .map_or(0, |p| p.lost.load(Ordering::SeqCst))
+    }
+
+    async fn start_with(persistent: bool) -> KafkaServer {
+        let mut server = Self::new(persistent, free_port());
         server.spawn().await;
         server
     }
@@ -100,7 +146,8 @@ impl KafkaServer {
         } else {
             tansu_bin().expect("tansu binary")
         };
-        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let url = format!("tcp://127.0.0.1:{}", self.broker_port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -112,7 +159,7 @@ impl KafkaServer {
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &advertised,
         ]);
         if self.persistent {
             // The path is relative to the working directory: the temp dir.
@@ -129,7 +176,10 @@ impl KafkaServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if tokio::net::TcpStream::connect(self.addr()).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.broker_port))
+                .await
+                .is_ok()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -163,4 +213,101 @@ impl KafkaServer {
         self.kill().await;
         self.spawn().await;
     }
+}
+
+/// A loopback TCP proxy in front of the broker that reads the Kafka framing (a 4-byte size,
+/// then the request's api key and correlation id, or the response's correlation id) and, while
+/// `losing`, drops the broker's answers to produce requests (api key 0): the fault of a network
+/// that fails after the broker stored a record and before its ack came back.
+struct AckLoss {
+    port: u16,
+    losing: Arc<AtomicBool>,
+    lost: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AckLoss {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+const PRODUCE: i16 = 0;
+
+impl AckLoss {
+    async fn start(broker_port: u16) -> AckLoss {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let losing = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicU64::new(0));
+        let (l, n) = (losing.clone(), lost.clone());
+        let accept = tokio::spawn(async move {
+            // Connection tasks end with their sockets; the accept loop is aborted on drop.
+            while let Ok((client, _)) = listener.accept().await {
+                let (l, n) = (l.clone(), n.clone());
+                tokio::spawn(async move {
+                    let Ok(broker) = TcpStream::connect(("127.0.0.1", broker_port)).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = broker.set_nodelay(true);
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut br, mut bw) = broker.into_split();
+                    let api_keys = Arc::new(parking_lot::Mutex::new(HashMap::<i32, i16>::new()));
+                    let keys = api_keys.clone();
+                    let up = async move {
+                        while let Some(frame) = read_frame(&mut cr).await {
+                            if frame.len() >= 12 {
+                                let api_key = i16::from_be_bytes([frame[4], frame[5]]);
+                                let corr =
+                                    i32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
+                                keys.lock().insert(corr, api_key);
+                            }
+                            if bw.write_all(&frame).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let down = async move {
+                        while let Some(frame) = read_frame(&mut br).await {
+                            if frame.len() >= 8 {
+                                let corr =
+                                    i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+                                let api_key = api_keys.lock().remove(&corr);
+                                if api_key == Some(PRODUCE) && l.load(Ordering::SeqCst) {
+                                    n.fetch_add(1, Ordering::SeqCst);
+                                    continue;
+                                }
+                            }
+                            if cw.write_all(&frame).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    // Either side closing ends the connection.
+                    tokio::select! { _ = up => {}, _ = down => {} }
+                });
+            }
+        });
+        AckLoss {
+            port,
+            losing,
+            lost,
+            accept,
+        }
+    }
+}
+
+/// One size-prefixed Kafka frame, its size included; `None` at the end of the stream.
+async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
+    let mut size = [0u8; 4];
+    r.read_exact(&mut size).await.ok()?;
+    let len = usize::try_from(i32::from_be_bytes(size)).ok()?;
+    if len > 256 << 20 {
+        return None;
+    }
+    let mut frame = vec![0u8; 4 + len];
+    frame[..4].copy_from_slice(&size);
+    r.read_exact(&mut frame[4..]).await.ok()?;
+    Some(frame)
 }

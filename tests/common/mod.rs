@@ -680,14 +680,19 @@ impl Client {
     }
 
     /// Sends `req` with a fresh ref and returns the reply (`ack` or `error` carrying that ref).
-    pub async fn request(&mut self, mut req: Value) -> Value {
+    pub async fn request(&mut self, req: Value) -> Value {
+        self.request_within(req, WAIT).await
+    }
+
+    /// [`Client::request`] with a reply wait of `t`.
+    pub async fn request_within(&mut self, mut req: Value, t: Duration) -> Value {
         let r = self.fresh_ref();
         req["ref"] = json!(r);
         self.send_json(&req).await;
         let rv = json!(r);
-        self.recv_until(|v| is_reply_to(v, &rv), WAIT)
+        self.recv_until(|v| is_reply_to(v, &rv), t)
             .await
-            .unwrap_or_else(|| panic!("no ack/error for {req}"))
+            .unwrap_or_else(|| panic!("no ack/error for {req} within {t:?}"))
     }
 
     /// Sends `req`, asserts the reply is an ack and returns it.

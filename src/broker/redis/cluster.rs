@@ -292,6 +292,12 @@ impl IdempotencyStore for ClusterBroker {
             super::keyed::abandon(&mut conn, &idempotency_key(scope)).await;
         }
     }
+
+    async fn uncertain(&self, scope: &str, from: u64, window: Duration) {
+        if let Ok(mut conn) = self.conn() {
+            super::keyed::uncertain(&mut conn, &idempotency_key(scope), from, window).await;
+        }
+    }
 }
 
 /// `rt:idem:{<scope>}`: any slot will do for a single key.

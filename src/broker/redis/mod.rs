@@ -576,34 +576,62 @@ pub(super) mod keyed {
     use redis::aio::ConnectionLike;
 
     const PENDING: &str = "pending";
+    /// `u:<position>`: a publish failed with its outcome unknown (see [`Claim::Uncertain`]).
+    const UNCERTAIN: &str = "u:";
+
+    /// Claims a free key, or takes over one whose outcome is unknown, in one step: two retries
+    /// of an uncertain publish never both get to look and publish.
+    /// KEYS: the key. ARGV: window ms. Returns the value before (nil when free).
+    const CLAIM_SCRIPT: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or string.sub(cur, 1, 2) == 'u:' then
+  redis.call('SET', KEYS[1], 'pending', 'PX', ARGV[1])
+end
+return cur
+";
 
     pub(in crate::broker::redis) async fn claim<C: ConnectionLike + Send>(
         conn: &mut C,
         key: &str,
         window: Duration,
     ) -> Result<Claim, RedisError> {
-        let (set, current): (Option<String>, Option<String>) = redis::pipe()
-            .cmd("SET")
+        let current: Option<String> = redis::cmd("EVAL")
+            .arg(CLAIM_SCRIPT)
+            .arg(1)
             .arg(key)
-            .arg(PENDING)
-            .arg("NX")
-            .arg("PX")
             .arg(window.as_millis() as u64)
-            .cmd("GET")
-            .arg(key)
             .query_async(conn)
             .await?;
-        if set.is_some() {
-            return Ok(Claim::Fresh);
-        }
         Ok(match current.as_deref() {
             None => Claim::Fresh,
             Some(PENDING) => Claim::InFlight,
-            Some(id) => match id.parse() {
-                Ok(id) => Claim::Repeat(id),
-                Err(_) => Claim::InFlight,
+            Some(v) => match v.strip_prefix(UNCERTAIN) {
+                // An unreadable position: look from the start of the log rather than not at all.
+                Some(from) => Claim::Uncertain(from.parse().unwrap_or(0)),
+                None => match v.parse() {
+                    Ok(id) => Claim::Repeat(id),
+                    Err(_) => Claim::InFlight,
+                },
             },
         })
+    }
+
+    pub(in crate::broker::redis) async fn uncertain<C: ConnectionLike + Send>(
+        conn: &mut C,
+        key: &str,
+        from: u64,
+        window: Duration,
+    ) {
+        let done: Result<(), _> = redis::cmd("SET")
+            .arg(key)
+            .arg(format!("{UNCERTAIN}{from}"))
+            .arg("PX")
+            .arg(window.as_millis() as u64)
+            .query_async(conn)
+            .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "idempotency key's unknown outcome not recorded");
+        }
     }
 
     pub(in crate::broker::redis) async fn complete<C: ConnectionLike + Send>(
@@ -650,6 +678,12 @@ impl IdempotencyStore for RedisBroker {
     async fn abandon(&self, scope: &str) {
         if let Ok(mut conn) = self.master() {
             keyed::abandon(&mut conn, &names::idempotency(scope)).await;
+        }
+    }
+
+    async fn uncertain(&self, scope: &str, from: u64, window: Duration) {
+        if let Ok(mut conn) = self.master() {
+            keyed::uncertain(&mut conn, &names::idempotency(scope), from, window).await;
         }
     }
 }
