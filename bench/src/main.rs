@@ -135,6 +135,9 @@ pub struct LatencyArgs {
     /// subscriber is in all; order is checked per room.
     #[arg(long, default_value_t = 1)]
     pub rooms: usize,
+    /// Give every message an `idempotency_key` (as the SDK does on every send).
+    #[arg(long)]
+    pub keyed: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -463,7 +466,8 @@ async fn run_latency(ctx: &Ctx, a: &LatencyArgs) -> Result<Value> {
         tokio::time::sleep_until(window_start.into()).await;
         meter.snapshot()
     });
-    let publisher = Publisher::new(sink, &rooms, a.size, log.clone(), ctx.clock)?;
+    let mut publisher = Publisher::new(sink, &rooms, a.size, log.clone(), ctx.clock)?;
+    publisher.keyed = a.keyed;
     let plan = PacePlan {
         start,
         rate: a.rate,
@@ -1721,6 +1725,8 @@ struct Publisher {
     pad: String,
     log: Arc<PubLog>,
     clock: Clock,
+    /// Each frame carries `idempotency_key` `b<seq>`.
+    keyed: bool,
 }
 
 impl Publisher {
@@ -1741,6 +1747,7 @@ impl Publisher {
             pad: "x".repeat(size),
             log,
             clock,
+            keyed: false,
         })
     }
 
@@ -1800,8 +1807,13 @@ impl Publisher {
             {
                 slot.store(st, Relaxed);
             }
+            let key = if self.keyed {
+                format!(r#","idempotency_key":"b{seq}""#)
+            } else {
+                String::new()
+            };
             let frame = format!(
-                r#"{{"type":"message","room":{room},"ref":"{step}.{seq}","data":{{"seq":{seq},"k":{step},"t":{t},"st":{st},"pad":"{pad}"}}}}"#,
+                r#"{{"type":"message","room":{room},"ref":"{step}.{seq}"{key},"data":{{"seq":{seq},"k":{step},"t":{t},"st":{st},"pad":"{pad}"}}}}"#,
                 room = self.room_json[(seq % self.room_json.len() as u64) as usize],
                 pad = self.pad,
             );

@@ -43,6 +43,8 @@ const TRACEPARENT: &str = "traceparent";
 /// The idempotency scope of a keyed record, so that a retry whose first attempt timed out can
 /// find it (Kafka gives no id for a record whose ack was lost).
 const IDEMPOTENCY_HEADER: &str = "rt-idempotency";
+/// Room topics whose end [`Shared::saw_record`] remembers.
+const MAX_KNOWN_ENDS: usize = 100_000;
 /// Kafka's longest topic name.
 const MAX_TOPIC_LEN: usize = 249;
 
@@ -135,6 +137,9 @@ struct Shared {
     positions: Mutex<HashMap<String, Position>>,
     /// The consumer's current run has its partitions assigned (probes can come back).
     consuming: AtomicBool,
+    /// Per room topic, an offset its log has reached (the latest ack here): where a record
+    /// produced later will be at the earliest.
+    known_ends: Mutex<HashMap<String, u64>>,
 }
 
 impl Drop for KafkaBroker {
@@ -148,8 +153,6 @@ pub struct KafkaBroker {
     commands: mpsc::UnboundedSender<Command>,
     /// Serializes `since` replays (and searches for keyed records) on one reader.
     history: tokio::sync::Mutex<Option<BaseConsumer<QuietContext>>>,
-    /// Asks for a topic's end before a keyed publish: where a search starts if the ack is lost.
-    offsets: Arc<BaseConsumer<QuietContext>>,
     /// Where `idempotency_key`s are remembered: Redis when configured, else this process.
     idempotency: Arc<dyn IdempotencyStore>,
     idempotency_window: Duration,
@@ -201,7 +204,6 @@ impl KafkaBroker {
             },
             &cfg,
         );
-        let offsets = Arc::new(consumer_config.create_with_context(QuietContext)?);
         let shared = Arc::new(Shared {
             cfg,
             sink,
@@ -216,6 +218,7 @@ impl KafkaBroker {
             probe_seen: AtomicU64::new(0),
             positions: Mutex::default(),
             consuming: AtomicBool::new(false),
+            known_ends: Mutex::default(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let commands = Handoff::new(rx);
@@ -241,7 +244,6 @@ impl KafkaBroker {
             shared,
             commands: tx,
             history: tokio::sync::Mutex::new(None),
-            offsets,
             idempotency: Arc::new(LocalIdempotency::new(100_000)),
             idempotency_window: Duration::from_secs(300),
         })
@@ -305,12 +307,14 @@ impl KafkaBroker {
             }
         };
         let (partition, offset) = self.shared.send(record).await?;
+        self.shared.saw_record(&topic, offset);
         Ok(record_id(partition, offset))
     }
 
-    /// A keyed publish. Its topic's end is read first: if the ack is then lost (a timeout,
-    /// a broker that stalled after taking the record), the key is left uncertain from there,
-    /// and the retry looks for the record instead of storing it twice.
+    /// A keyed publish. If its ack is lost (a timeout, a broker that stalled after taking the
+    /// record), the key is left uncertain from the topic's end as last known here (an
+    /// earlier ack; the log's start when none), and the retry looks for the record there
+    /// instead of storing it twice.
     async fn publish_keyed(
         &self,
         msg: &RoomMessage,
@@ -319,37 +323,36 @@ impl KafkaBroker {
         let window = self.idempotency_window;
         let topic = room_topic(&msg.room);
         ensure_topic(&self.shared, &topic).await?;
-        let (claim, end) = tokio::join!(
-            self.idempotency.claim(scope, window),
-            self.topic_end(&topic)
-        );
-        let from = match claim? {
+        // Where the record will be at the earliest, known without asking Kafka (a round trip
+        // here would also let keyed publishes overtake each other).
+        let end = self.shared.known_end(&topic);
+        let from = match self.idempotency.claim(scope, window).await? {
             Claim::Repeat(id) => {
                 crate::telemetry::metric::idempotent_repeat();
                 return Ok(id);
             }
             Claim::InFlight => return Err(Claim::in_flight_error()),
             Claim::Uncertain(from) => match self.find_keyed(&topic, from, scope).await {
-                Ok(Some(id)) => {
+                Ok(Found::Record(id)) => {
                     crate::telemetry::metric::idempotent_repeat();
                     self.idempotency.complete(scope, id, window).await;
                     return Ok(id);
                 }
                 // Not stored: publish, still uncertain from the first attempt's position.
-                Ok(None) => from,
+                Ok(Found::Nothing) => from,
+                // The search did not finish: the next retry goes on from where it stopped.
+                Ok(Found::NotYet(searched_to)) => {
+                    self.idempotency.uncertain(scope, searched_to, window).await;
+                    return Err(unavailable(
+                        "could not check within kafka.publish_timeout whether an earlier attempt with this idempotency_key was stored",
+                    ));
+                }
                 Err(e) => {
                     self.idempotency.uncertain(scope, from, window).await;
                     return Err(e);
                 }
             },
-            Claim::Fresh => match end {
-                Ok(end) => end,
-                Err(e) => {
-                    // Nothing was sent.
-                    self.idempotency.abandon(scope).await;
-                    return Err(e);
-                }
-            },
+            Claim::Fresh => end,
         };
         match self.produce(msg, Some(scope)).await {
             Ok(id) => {
@@ -363,27 +366,10 @@ impl KafkaBroker {
         }
     }
 
-    /// The offset the next record of `topic` will get.
-    async fn topic_end(&self, topic: &str) -> Result<u64, BrokerError> {
-        let offsets = self.offsets.clone();
-        let topic = topic.to_string();
-        let timeout = self.shared.cfg.publish_timeout;
-        tokio::task::spawn_blocking(move || offsets.fetch_watermarks(&topic, 0, timeout))
-            .await
-            .map_err(|e| BrokerError::Other(e.to_string()))?
-            .map(|(_, high)| high.max(0) as u64)
-            .map_err(unavailable)
-    }
-
-    /// The id of the record of `topic` at or after offset `from` that carries `scope`, if
-    /// the log has one. Bounded by `kafka.publish_timeout`: a search that cannot finish is
-    /// `unavailable`, and the key stays uncertain for the next retry.
-    async fn find_keyed(
-        &self,
-        topic: &str,
-        from: u64,
-        scope: &str,
-    ) -> Result<Option<MessageId>, BrokerError> {
+    /// The record of `topic` at or after offset `from` that carries `scope`, if the log has
+    /// one. Bounded by `kafka.publish_timeout`: a search that cannot finish says how far it
+    /// got.
+    async fn find_keyed(&self, topic: &str, from: u64, scope: &str) -> Result<Found, BrokerError> {
         let mut reader = self.history.lock().await;
         let consumer = match reader.take() {
             Some(c) => c,
@@ -406,6 +392,14 @@ impl KafkaBroker {
     }
 }
 
+/// What a search for a keyed record found.
+enum Found {
+    Record(MessageId),
+    Nothing,
+    /// Not found up to this offset when the time was up.
+    NotYet(u64),
+}
+
 /// Reads `topic` from offset `from` to its end for a record whose idempotency header is
 /// `scope`.
 fn search_keyed(
@@ -414,13 +408,13 @@ fn search_keyed(
     from: u64,
     scope: &str,
     timeout: Duration,
-) -> Result<Option<MessageId>, BrokerError> {
+) -> Result<Found, BrokerError> {
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, timeout)
         .map_err(unavailable)?;
     let start = i64::try_from(from).unwrap_or(i64::MAX).max(low);
     if start >= high {
-        return Ok(None);
+        return Ok(Found::Nothing);
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(start))
@@ -428,8 +422,8 @@ fn search_keyed(
     consumer.assign(&tpl).map_err(unavailable)?;
     let deadline = Instant::now() + timeout;
     let mut next = start;
-    let mut found = None;
-    while next < high && found.is_none() && Instant::now() < deadline {
+    let mut found = Found::Nothing;
+    while next < high && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) if m.topic() == topic && m.offset() >= next => {
                 next = m.offset() + 1;
@@ -438,7 +432,8 @@ fn search_keyed(
                         .any(|h| h.key == IDEMPOTENCY_HEADER && h.value == Some(scope.as_bytes()))
                 });
                 if keyed {
-                    found = Some(record_id(m.partition(), m.offset()));
+                    found = Found::Record(record_id(m.partition(), m.offset()));
+                    break;
                 }
             }
             Some(Ok(_)) | None => {}
@@ -449,10 +444,8 @@ fn search_keyed(
         }
     }
     let _ = consumer.unassign();
-    if found.is_none() && next < high {
-        return Err(unavailable(
-            "could not check within kafka.publish_timeout whether an earlier attempt with this idempotency_key was stored",
-        ));
+    if matches!(found, Found::Nothing) && next < high {
+        found = Found::NotYet(next.max(0) as u64);
     }
     Ok(found)
 }
@@ -501,6 +494,25 @@ fn create_producer(cfg: &KafkaConfig) -> Result<FutureProducer<QuietContext>, Ka
 impl Shared {
     fn producer(&self) -> FutureProducer<QuietContext> {
         self.producer.lock().clone()
+    }
+
+    /// The earliest offset a record of `topic` produced from now on can get (0 when unknown).
+    fn known_end(&self, topic: &str) -> u64 {
+        self.known_ends.lock().get(topic).copied().unwrap_or(0)
+    }
+
+    fn saw_record(&self, topic: &str, offset: i64) {
+        let next = offset.max(0) as u64 + 1;
+        let mut ends = self.known_ends.lock();
+        if let Some(end) = ends.get_mut(topic) {
+            *end = (*end).max(next);
+            return;
+        }
+        // Bounded: a forgotten topic only makes a rare search start earlier.
+        if ends.len() >= MAX_KNOWN_ENDS {
+            ends.clear();
+        }
+        ends.insert(topic.to_string(), next);
     }
 
     /// Sends the record `make` builds. A producer that an error left unusable is replaced, so
