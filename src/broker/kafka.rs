@@ -370,6 +370,18 @@ impl KafkaBroker {
     /// one. Bounded by `kafka.publish_timeout`: a search that cannot finish says how far it
     /// got.
     async fn find_keyed(&self, topic: &str, from: u64, scope: &str) -> Result<Found, BrokerError> {
+        let timeout = self.shared.cfg.publish_timeout;
+        let (topic, scope) = (topic.to_string(), scope.to_string());
+        self.with_reader(move |c| search_keyed(c, &topic, from, &scope, timeout))
+            .await?
+    }
+
+    /// Runs `read` on the history reader, off the async runtime (librdkafka blocks), one read
+    /// at a time.
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&BaseConsumer<QuietContext>) -> T + Send + 'static,
+    ) -> Result<T, BrokerError> {
         let mut reader = self.history.lock().await;
         let consumer = match reader.take() {
             Some(c) => c,
@@ -379,16 +391,14 @@ impl KafkaBroker {
                 .create_with_context::<_, BaseConsumer<QuietContext>>(QuietContext)
                 .map_err(unavailable)?,
         };
-        let timeout = self.shared.cfg.publish_timeout;
-        let (topic, scope) = (topic.to_string(), scope.to_string());
         let (consumer, result) = tokio::task::spawn_blocking(move || {
-            let result = search_keyed(&consumer, &topic, from, &scope, timeout);
+            let result = read(&consumer);
             (consumer, result)
         })
         .await
         .map_err(|e| BrokerError::Other(e.to_string()))?;
         *reader = Some(consumer);
-        result
+        Ok(result)
     }
 }
 
@@ -694,24 +704,10 @@ impl Broker for KafkaBroker {
         if !self.shared.topics.lock().contains(&topic) {
             ensure_topic(&self.shared, &topic).await?;
         }
-        let mut reader = self.history.lock().await;
-        let consumer = match reader.take() {
-            Some(c) => c,
-            None => self
-                .shared
-                .consumer_config
-                .create_with_context::<_, BaseConsumer<QuietContext>>(QuietContext)
-                .map_err(unavailable)?,
-        };
         let timeout = self.shared.cfg.publish_timeout;
-        let (consumer, result) = tokio::task::spawn_blocking(move || {
-            let result = read_history(&consumer, &topic, after, limit, timeout);
-            (consumer, result)
-        })
-        .await
-        .map_err(|e| BrokerError::Other(e.to_string()))?;
-        *reader = Some(consumer);
-        let (records, gap) = result?;
+        let (records, gap) = self
+            .with_reader(move |c| read_history(c, &topic, after, limit, timeout))
+            .await??;
         let events = records
             .into_iter()
             .filter_map(|(offset, payload)| {
