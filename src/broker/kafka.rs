@@ -10,6 +10,7 @@
 //! configured, else this process).
 
 use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -426,34 +427,18 @@ fn search_keyed(
     if start >= high {
         return Ok(Found::Nothing);
     }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(start))
-        .map_err(unavailable)?;
-    consumer.assign(&tpl).map_err(unavailable)?;
-    let deadline = Instant::now() + timeout;
-    let mut next = start;
     let mut found = Found::Nothing;
-    while next < high && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) if m.topic() == topic && m.offset() >= next => {
-                next = m.offset() + 1;
-                let keyed = m.headers().is_some_and(|h| {
-                    h.iter()
-                        .any(|h| h.key == IDEMPOTENCY_HEADER && h.value == Some(scope.as_bytes()))
-                });
-                if keyed {
-                    found = Found::Record(record_id(m.partition(), m.offset()));
-                    break;
-                }
-            }
-            Some(Ok(_)) | None => {}
-            Some(Err(e)) => {
-                let _ = consumer.unassign();
-                return Err(unavailable(e));
-            }
+    let next = read_range(consumer, topic, start..high, timeout, |m| {
+        let keyed = m.headers().is_some_and(|h| {
+            h.iter()
+                .any(|h| h.key == IDEMPOTENCY_HEADER && h.value == Some(scope.as_bytes()))
+        });
+        if keyed {
+            found = Found::Record(record_id(m.partition(), m.offset()));
+            return ControlFlow::Break(());
         }
-    }
-    let _ = consumer.unassign();
+        ControlFlow::Continue(())
+    })?;
     if matches!(found, Found::Nothing) && next < high {
         found = Found::NotYet(next.max(0) as u64);
     }
@@ -775,31 +760,49 @@ fn read_history(
     if start >= high {
         return Ok((out, gap));
     }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(start))
-        .map_err(unavailable)?;
-    consumer.assign(&tpl).map_err(unavailable)?;
-    let deadline = Instant::now() + timeout;
-    let mut next = start;
-    while next < high && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) if m.topic() == topic => {
-                if m.offset() >= next {
-                    next = m.offset() + 1;
-                    if m.offset() < high {
-                        out.push((m.offset(), m.payload().unwrap_or_default().to_vec()));
-                    }
-                }
-            }
-            Some(Ok(_)) | None => {}
-            Some(Err(e)) => return Err(unavailable(e)),
-        }
-    }
-    let _ = consumer.unassign();
+    let next = read_range(consumer, topic, start..high, timeout, |m| {
+        out.push((m.offset(), m.payload().unwrap_or_default().to_vec()));
+        ControlFlow::Continue(())
+    })?;
     if next < high {
         return Err(unavailable("Kafka history read timed out"));
     }
     Ok((out, gap))
+}
+
+/// Reads the records of `topic` in `range` (partition 0) in order, each once, until `visit`
+/// breaks, the range is read or `timeout` passes; the offset after the last record read.
+fn read_range(
+    consumer: &BaseConsumer<QuietContext>,
+    topic: &str,
+    range: std::ops::Range<i64>,
+    timeout: Duration,
+    mut visit: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> ControlFlow<()>,
+) -> Result<i64, BrokerError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(range.start))
+        .map_err(unavailable)?;
+    consumer.assign(&tpl).map_err(unavailable)?;
+    let deadline = Instant::now() + timeout;
+    let mut next = range.start;
+    let mut result = Ok(());
+    while next < range.end && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if m.topic() == topic && (next..range.end).contains(&m.offset()) => {
+                next = m.offset() + 1;
+                if visit(&m).is_break() {
+                    break;
+                }
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(e)) => {
+                result = Err(unavailable(e));
+                break;
+            }
+        }
+    }
+    let _ = consumer.unassign();
+    result.map(|()| next)
 }
 
 /// Marks the broker ready while Kafka answers metadata requests and this instance's
