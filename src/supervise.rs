@@ -66,7 +66,8 @@ pub fn fault_point(room: &str) {
 
 /// Test-only fault injection: true once, for the first message of the room
 /// `public:fault-<fault>`, in debug builds started with `RTGATE_FAULT_INJECTION=1`; always
-/// false in release builds. `deaf`: the Kafka consumer stops reading (its probes then fail).
+/// false in release builds. `deaf`: the Kafka consumer stops reading (its probes then fail);
+/// `slow-index`: the occupancy index is written 3 s late.
 pub fn injected(fault: &str, room: &str) -> bool {
     #[cfg(debug_assertions)]
     {

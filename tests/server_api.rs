@@ -597,6 +597,37 @@ async fn a_dead_webhook_receiver_blocks_nothing() {
     ivy.assert_alive().await;
 }
 
+/// The occupancy index is written behind joins: while it lags (injected: 3 s late for this
+/// room), the instance that holds the member still answers for it instead of 404.
+#[tokio::test]
+async fn a_member_here_is_answered_for_while_the_index_lags() {
+    let server = Server::start_with_env("", &[("RTGATE_FAULT_INJECTION", "1")]).await;
+    let room = "public:fault-slow-index";
+    let mut kim = server.user("kim").await;
+    kim.join(room).await;
+    let (status, answer) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/rooms/{room}/presence"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = api(
+        &server,
+        "POST",
+        &format!("/api/v1/rooms/{room}/unsubscribe"),
+        Some(json!({"user": "kim"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let notice = kim
+        .recv_until(|v| v["type"] == "system" && v["room"] == room, WAIT)
+        .await
+        .expect("unsubscribed notice");
+    assert_eq!(notice["data"]["event"], "unsubscribed");
+}
+
 /// The OpenAPI document lists every server API route, and each answers with the documented
 /// status and the documented required fields.
 #[tokio::test]

@@ -730,6 +730,12 @@ impl Gateway {
     async fn record_occupancy(&self, changed: Vec<Occupant>) -> bool {
         let mut failed = Vec::new();
         for who in changed {
+            if let Occupant::Room(room) = &who
+                && crate::supervise::injected("slow-index", room)
+            {
+                // Test-only: the index lags behind this room's first join.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
             let count = self.hub.local_count(&who);
             match self.registry.set_local_count(&who, count).await {
                 Ok(Some(edge)) => {

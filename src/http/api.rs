@@ -155,13 +155,17 @@ fn user_id(user: &str) -> Result<Arc<str>, Failure> {
     Ok(Arc::from(user))
 }
 
+/// How many members or connections `who` has over every instance. The index is written
+/// behind joins and connects, so this instance's own count is a floor: a room joined here a
+/// moment ago is never answered as empty by this instance.
+async fn count_everywhere(gw: &Gateway, who: Occupant) -> Result<u64, Failure> {
+    let indexed = gw.registry.count(&who).await.map_err(|e| unavailable(&e))?;
+    Ok(indexed.max(gw.hub.local_count(&who) as u64))
+}
+
 /// The room's members over every instance, or 404.
 async fn occupied(gw: &Gateway, room: &RoomName) -> Result<u64, Failure> {
-    let members = gw
-        .registry
-        .count(&Occupant::Room(room.clone()))
-        .await
-        .map_err(|e| unavailable(&e))?;
+    let members = count_everywhere(gw, Occupant::Room(room.clone())).await?;
     if members == 0 {
         return Err(not_found(format!(
             "room `{room}` has no members on any instance"
@@ -172,11 +176,7 @@ async fn occupied(gw: &Gateway, room: &RoomName) -> Result<u64, Failure> {
 
 /// The user's connections over every instance, or 404.
 async fn connected(gw: &Gateway, user: &Arc<str>) -> Result<u64, Failure> {
-    let connections = gw
-        .registry
-        .count(&Occupant::User(user.clone()))
-        .await
-        .map_err(|e| unavailable(&e))?;
+    let connections = count_everywhere(gw, Occupant::User(user.clone())).await?;
     if connections == 0 {
         return Err(not_found(format!(
             "user `{user}` is not connected to any instance"
