@@ -706,3 +706,91 @@ async fn a_keyed_retry_after_a_lost_ack_is_not_stored_twice() {
         );
     }
 }
+
+/// A keyed publish in flight when its connection drops (its ack is lost, so it stays in flight
+/// for `kafka.publish_timeout`). Before: the session dropped the publish midway and its key
+/// stayed claimed for `broker.idempotency_window` (5 min): the client's resend after
+/// reconnecting was refused as in flight all that time. Now the publish runs to its end and
+/// the resend is acked with the stored id.
+#[tokio::test]
+async fn a_keyed_publish_cut_off_by_a_disconnect_leaves_its_key_usable() {
+    if !require_kafka() {
+        return;
+    }
+    let kafka = KafkaServer::start_with_ack_loss().await;
+    let a = Server::start(&kafka_toml(&kafka, None)).await;
+    let room = "public:cut-off";
+    let mut first = a.user("p").await;
+    first.publish(room, json!({"seq": 0})).await;
+
+    kafka.lose_produce_acks(true);
+    first
+        .send_json(&json!({"type": "message", "room": room, "data": {"seq": 1}, "idempotency_key": "k-cut"}))
+        .await;
+    let topic = rtgate::broker::kafka::room_topic(room);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stored_id = loop {
+        let records = topic_records(&kafka, &topic).await;
+        if let Some((id, _)) = records.iter().find(|(_, v)| v["data"]["seq"] == 1) {
+            break id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker did not store the record: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Gone while its publish waits for the lost ack.
+    drop(first);
+    kafka.lose_produce_acks(false);
+
+    let mut again = a.user("p").await;
+    let id = publish_keyed_until_acked(&a, &mut again, room, json!({"seq": 1}), "k-cut").await;
+    assert_eq!(id, stored_id, "the resend is acked with the stored id");
+    let seqs: Vec<u64> = topic_records(&kafka, &topic)
+        .await
+        .iter()
+        .map(|(_, v)| v["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [0, 1], "stored once each");
+
+    // The same through the server API: the caller hangs up while its broadcast waits.
+    kafka.lose_produce_acks(true);
+    let body =
+        json!({"room": room, "type": "message", "data": {"seq": 2}, "idempotency_key": "k-api"});
+    let hung_up = a
+        .http_client()
+        .post(a.http("/api/v1/broadcast"))
+        .bearer_auth(common::API_KEY)
+        .json(&body)
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the ack was lost: {hung_up:?}");
+    kafka.lose_produce_acks(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = a
+            .http_client()
+            .post(a.http("/api/v1/broadcast"))
+            .bearer_auth(common::API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("broadcast");
+        let status = resp.status().as_u16();
+        let answer: Value = resp.json().await.expect("json answer");
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "never acked: {answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let seqs: Vec<u64> = topic_records(&kafka, &topic)
+        .await
+        .iter()
+        .map(|(_, v)| v["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [0, 1, 2], "the broadcast stored once");
+}

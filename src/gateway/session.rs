@@ -92,6 +92,12 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
 
     let mut conn = Connection::new(gw.clone(), session.clone());
     conn.read_loop(stream).await;
+    // Publishes the client sent run to their end, in order, though nobody hears the answers:
+    // cut off midway, a publish could leave its idempotency key claimed for the whole window
+    // (the client's retry with that key refused meanwhile) or a stored message unannounced.
+    if let Some(mut publishes) = conn.publishes.take() {
+        tokio::spawn(async move { while publishes.next().await.is_some() {} });
+    }
     gw.close_session(&session, &conn.rooms).await;
     // The writer ends after the close frame, or stays stuck on a client that stopped reading.
     let mut writer = writer;

@@ -284,24 +284,39 @@ async fn broadcast(
         {
             return Err(bad_request(crate::broker::idempotency::KEY_RULE));
         }
-        let mut ids = HashMap::new();
-        for room in &rooms {
-            let msg = RoomMessage {
-                room: room.clone(),
-                kind,
-                data: req.data.clone(),
-                sender_id: None,
-                ts_ms: now_ms(),
-                origin: None,
-                traceparent: None,
-                idempotency_key: req.idempotency_key.as_deref().map(Box::from),
-            };
-            // A room that fails stops the call: with an idempotency_key, a retry of the whole
-            // call publishes each room once.
-            let id = gw.broker.publish(msg).await.map_err(|e| unavailable(&e))?;
-            ids.insert(room.to_string(), id.to_string());
-        }
-        Ok(Json(if req.room.is_some() {
+        // Runs to its end even if the caller hangs up (the HTTP server then drops this
+        // handler): cut off midway, a publish could leave its idempotency key claimed for the
+        // whole window.
+        let broker = gw.broker.clone();
+        let single = req.room.is_some();
+        let published = tokio::spawn(async move {
+            let mut ids = HashMap::new();
+            for room in &rooms {
+                let msg = RoomMessage {
+                    room: room.clone(),
+                    kind,
+                    data: req.data.clone(),
+                    sender_id: None,
+                    ts_ms: now_ms(),
+                    origin: None,
+                    traceparent: None,
+                    idempotency_key: req.idempotency_key.as_deref().map(Box::from),
+                };
+                // A room that fails stops the call: with an idempotency_key, a retry of the
+                // whole call publishes each room once.
+                let id = broker.publish(msg).await.map_err(|e| unavailable(&e))?;
+                ids.insert(room.to_string(), id.to_string());
+            }
+            Ok::<_, Failure>(ids)
+        });
+        let ids = published.await.map_err(|e| {
+            Failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("the publish ended with its outcome unknown: {e}"),
+            )
+        })??;
+        Ok(Json(if single {
             BroadcastAnswer {
                 id: ids.into_values().next(),
                 ids: None,
