@@ -8,6 +8,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rtgate::broker::idempotency::{Claim, ClaimTerms, IdempotencyStore};
 use rtgate::broker::{
     Broker, Deliver, DirectMessage, Edge, InstanceInfo, MessageId, MessageKind, Occupant, Origin,
     PresenceDiff, PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName,
@@ -189,6 +190,54 @@ fn keyed(room: &RoomName, n: u64, sender: Option<&str>, key: &str) -> RoomMessag
         idempotency_key: Some(key.into()),
         ..message(room, n)
     }
+}
+
+/// The claim store of brokers that keep idempotency keys beside the log (Kafka): one claimer at
+/// a time; a claim whose claimer went away without an outcome is taken over after its lease,
+/// as uncertain from where that claimer's record would be.
+async fn claims_are_leased_then_taken_over(a: &dyn IdempotencyStore, b: &dyn IdempotencyStore) {
+    let terms = |from: u64, lease_ms: u64| ClaimTerms {
+        from,
+        lease: Duration::from_millis(lease_ms),
+        window: Duration::from_secs(60),
+    };
+    let scope = format!("public:claims|s|k-{}", std::process::id());
+    assert_eq!(a.claim(&scope, terms(7, 300)).await.unwrap(), Claim::Fresh);
+    assert_eq!(
+        b.claim(&scope, terms(9, 300)).await.unwrap(),
+        Claim::InFlight
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        b.claim(&scope, terms(9, 300)).await.unwrap(),
+        Claim::Uncertain(7),
+        "a lease that ran out is taken over from the first claimer's position"
+    );
+    assert_eq!(
+        a.claim(&scope, terms(7, 300)).await.unwrap(),
+        Claim::InFlight
+    );
+    b.uncertain(&scope, 12, Duration::from_secs(60)).await;
+    assert_eq!(
+        a.claim(&scope, terms(7, 300)).await.unwrap(),
+        Claim::Uncertain(12)
+    );
+    let id = MessageId::new(0, 13);
+    a.complete(&scope, id, Duration::from_secs(60)).await;
+    assert_eq!(
+        b.claim(&scope, terms(9, 300)).await.unwrap(),
+        Claim::Repeat(id)
+    );
+    let other = format!("{scope}-other");
+    assert_eq!(a.claim(&other, terms(1, 300)).await.unwrap(), Claim::Fresh);
+    a.abandon(&other).await;
+    assert_eq!(b.claim(&other, terms(1, 300)).await.unwrap(), Claim::Fresh);
+}
+
+#[tokio::test]
+async fn claims_are_leased_then_taken_over_in_process() {
+    let store = rtgate::broker::idempotency::LocalIdempotency::new(100);
+    claims_are_leased_then_taken_over(&store, &store).await;
 }
 
 async fn repeated_idempotency_keys_publish_once(a: &Instance, b: &Instance) {
@@ -668,6 +717,34 @@ mod redis {
     });
 
     #[tokio::test]
+    async fn claims_are_leased_then_taken_over() {
+        if !require_redis() {
+            return;
+        }
+        let server = RedisServer::start_standalone().await;
+        let store = |id: &str| {
+            RedisBroker::start(
+                RedisConfig {
+                    url: server.url(),
+                    ..RedisConfig::default()
+                },
+                &rtgate::config::BrokerConfig::default(),
+                Duration::from_secs(15),
+                id.into(),
+                Arc::new(Recording::default()),
+            )
+            .presence_only()
+        };
+        let (a, b) = (store("claim-a"), store("claim-b"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !(Registry::is_ready(&a) && Registry::is_ready(&b)) {
+            assert!(std::time::Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        super::claims_are_leased_then_taken_over(&a, &b).await;
+    }
+
+    #[tokio::test]
     async fn trimmed_history_is_a_gap() {
         if !require_redis() {
             return;
@@ -751,6 +828,26 @@ mod cluster {
         super::trimmed_history_is_a_gap(&a, HISTORY as usize).await;
         let (a, b) = pair(&topo, 10).await;
         super::occupancy_counts_edges_and_rooms(&a, Some(&b)).await;
+        let store = |id: &str| {
+            ClusterBroker::start(
+                RedisConfig {
+                    cluster_nodes: topo.seed_addrs(),
+                    ..RedisConfig::default()
+                },
+                &rtgate::config::BrokerConfig::default(),
+                Duration::from_secs(15),
+                id.into(),
+                Arc::new(Recording::default()),
+            )
+            .presence_only()
+        };
+        let (a, b) = (store("cl-claim-a"), store("cl-claim-b"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !(Registry::is_ready(&a) && Registry::is_ready(&b)) {
+            assert!(std::time::Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        super::claims_are_leased_then_taken_over(&a, &b).await;
     }
 }
 

@@ -794,3 +794,59 @@ async fn a_keyed_publish_cut_off_by_a_disconnect_leaves_its_key_usable() {
         .collect();
     assert_eq!(seqs, [0, 1, 2], "the broadcast stored once");
 }
+
+/// The instance that claimed a key dies (SIGKILL) while its keyed publish waits for a lost
+/// ack. Before: the key stayed claimed for `broker.idempotency_window` (5 min) and every
+/// resend through another instance was refused as in flight. Now the claim's lease (four
+/// times `kafka.publish_timeout`, plus 1 s) runs out, the resend takes it over, finds the
+/// record and is acked with its id.
+#[tokio::test]
+async fn a_keyed_publish_whose_instance_died_is_found_after_the_claims_lease() {
+    if !require_kafka() || !require_redis() {
+        return;
+    }
+    let kafka = KafkaServer::start_with_ack_loss().await;
+    let redis = RedisServer::start_standalone().await;
+    let cfg = kafka_toml(&kafka, Some(&redis));
+    let (a, b) = (Server::start(&cfg).await, Server::start(&cfg).await);
+    let room = "public:claimer-died";
+    let mut first = a.user("p").await;
+    first.publish(room, json!({"seq": 0})).await;
+
+    kafka.lose_produce_acks(true);
+    first
+        .send_json(&json!({"type": "message", "room": room, "data": {"seq": 1}, "idempotency_key": "k-died"}))
+        .await;
+    let topic = rtgate::broker::kafka::room_topic(room);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stored_id = loop {
+        let records = topic_records(&kafka, &topic).await;
+        if let Some((id, _)) = records.iter().find(|(_, v)| v["data"]["seq"] == 1) {
+            break id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker did not store the record: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // SIGKILL, while the claim waits for the lost ack.
+    drop(first);
+    drop(a);
+    kafka.lose_produce_acks(false);
+
+    let started = Instant::now();
+    let mut again = b.user("p").await;
+    let id = publish_keyed_until_acked(&b, &mut again, room, json!({"seq": 1}), "k-died").await;
+    assert_eq!(id, stored_id, "the resend is acked with the stored id");
+    let seqs: Vec<u64> = topic_records(&kafka, &topic)
+        .await
+        .iter()
+        .map(|(_, v)| v["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [0, 1], "stored once each");
+    println!(
+        "the dead instance's claim was taken over after {:?}",
+        started.elapsed()
+    );
+}

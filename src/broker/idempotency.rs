@@ -43,11 +43,15 @@ pub enum Claim {
     Fresh,
     /// Published before with this id.
     Repeat(MessageId),
-    /// A publish with this key is still under way; the caller may retry.
+    /// A publish with this key is still under way (its claim's lease runs); the caller may
+    /// retry.
     InFlight,
     /// An earlier publish with this key failed with its outcome unknown (a timeout after the
     /// record left): it may be stored at or after this broker position. The claim is now the
     /// caller's, as for [`Claim::Fresh`], and it must look there before publishing again.
+    /// Also what a claim whose lease ran out turns into: its claimer went away (its process
+    /// died) without an outcome, and its record may be stored from the position it claimed
+    /// with.
     Uncertain(u64),
 }
 
@@ -59,7 +63,10 @@ impl Claim {
 
 #[async_trait::async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
-    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError>;
+    /// Claims `scope` for one publish. The claim holds for `lease` (longer than the claimer's
+    /// bounded search and produce), then a claim of the same key takes it over as
+    /// [`Claim::Uncertain`] from `from`: where the claimer's record would be at the earliest.
+    async fn claim(&self, scope: &str, claim: ClaimTerms) -> Result<Claim, BrokerError>;
     async fn complete(&self, scope: &str, id: MessageId, window: Duration);
     /// The publish failed: a retry may publish.
     async fn abandon(&self, scope: &str);
@@ -68,9 +75,24 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     async fn uncertain(&self, scope: &str, from: u64, window: Duration);
 }
 
+/// How a claim is made: see [`IdempotencyStore::claim`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimTerms {
+    /// Where the claimer's record would be at the earliest.
+    pub from: u64,
+    /// How long the claim holds without an outcome.
+    pub lease: Duration,
+    /// How long the key is remembered.
+    pub window: Duration,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Slot {
-    Pending,
+    /// Claimed until the lease ends; the claimer's record would be at `from` at the earliest.
+    Pending {
+        lease_until: Instant,
+        from: u64,
+    },
     Done(MessageId),
     Uncertain(u64),
 }
@@ -153,24 +175,27 @@ fn expire(keys: &mut Keys, now: Instant) {
 
 #[async_trait::async_trait]
 impl IdempotencyStore for LocalIdempotency {
-    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError> {
+    async fn claim(&self, scope: &str, claim: ClaimTerms) -> Result<Claim, BrokerError> {
         let now = Instant::now();
-        {
-            let mut keys = self.keys.lock();
-            expire(&mut keys, now);
-            match keys.slots.get(scope) {
-                Some((Slot::Done(id), _)) => return Ok(Claim::Repeat(*id)),
-                Some((Slot::Pending, _)) => return Ok(Claim::InFlight),
-                Some((Slot::Uncertain(from), _)) => {
-                    let from = *from;
-                    self.set_locked(&mut keys, scope, Slot::Pending, window);
-                    return Ok(Claim::Uncertain(from));
-                }
-                None => {}
+        let mut keys = self.keys.lock();
+        expire(&mut keys, now);
+        let (answer, from) = match keys.slots.get(scope) {
+            Some((Slot::Done(id), _)) => return Ok(Claim::Repeat(*id)),
+            Some((Slot::Pending { lease_until, .. }, _)) if *lease_until > now => {
+                return Ok(Claim::InFlight);
             }
-            self.set_locked(&mut keys, scope, Slot::Pending, window);
-        }
-        Ok(Claim::Fresh)
+            // Its claimer went away without an outcome: look where its record would be.
+            Some((Slot::Pending { from, .. }, _)) | Some((Slot::Uncertain(from), _)) => {
+                (Claim::Uncertain(*from), *from)
+            }
+            None => (Claim::Fresh, claim.from),
+        };
+        let pending = Slot::Pending {
+            lease_until: now + claim.lease,
+            from,
+        };
+        self.set_locked(&mut keys, scope, pending, claim.window);
+        Ok(answer)
     }
 
     async fn complete(&self, scope: &str, id: MessageId, window: Duration) {
@@ -202,33 +227,72 @@ mod tests {
         assert!(!valid_key("é"));
     }
 
+    fn terms(from: u64) -> ClaimTerms {
+        ClaimTerms {
+            from,
+            lease: Duration::from_secs(30),
+            window: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_lease_ran_out_is_taken_over_as_uncertain() {
+        let store = LocalIdempotency::new(10);
+        let short = ClaimTerms {
+            lease: Duration::from_millis(20),
+            ..terms(7)
+        };
+        assert_eq!(store.claim("r|s|k", short).await.unwrap(), Claim::Fresh);
+        assert_eq!(
+            store.claim("r|s|k", terms(9)).await.unwrap(),
+            Claim::InFlight
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        // From where the first claimer's record would be, not the taker's own position.
+        assert_eq!(
+            store.claim("r|s|k", short).await.unwrap(),
+            Claim::Uncertain(7)
+        );
+        assert_eq!(
+            store.claim("r|s|k", terms(9)).await.unwrap(),
+            Claim::InFlight
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(
+            store.claim("r|s|k", terms(9)).await.unwrap(),
+            Claim::Uncertain(7)
+        );
+    }
+
     #[tokio::test]
     async fn a_claim_is_fresh_then_in_flight_then_a_repeat() {
         let store = LocalIdempotency::new(10);
         let w = Duration::from_secs(60);
-        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::Fresh);
-        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::InFlight);
+        let t = terms(0);
+        assert_eq!(store.claim("r|s|k", t).await.unwrap(), Claim::Fresh);
+        assert_eq!(store.claim("r|s|k", t).await.unwrap(), Claim::InFlight);
         store.complete("r|s|k", MessageId::new(5, 1), w).await;
         assert_eq!(
-            store.claim("r|s|k", w).await.unwrap(),
+            store.claim("r|s|k", t).await.unwrap(),
             Claim::Repeat(MessageId::new(5, 1))
         );
-        assert_eq!(store.claim("r|s|other", w).await.unwrap(), Claim::Fresh);
+        assert_eq!(store.claim("r|s|other", t).await.unwrap(), Claim::Fresh);
         store.abandon("r|s|other").await;
-        assert_eq!(store.claim("r|s|other", w).await.unwrap(), Claim::Fresh);
+        assert_eq!(store.claim("r|s|other", t).await.unwrap(), Claim::Fresh);
     }
 
     #[tokio::test]
     async fn an_uncertain_outcome_is_handed_to_one_claim_at_a_time() {
         let store = LocalIdempotency::new(10);
         let w = Duration::from_secs(60);
-        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::Fresh);
+        let t = terms(0);
+        assert_eq!(store.claim("r|s|k", t).await.unwrap(), Claim::Fresh);
         store.uncertain("r|s|k", 41, w).await;
-        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::Uncertain(41));
-        assert_eq!(store.claim("r|s|k", w).await.unwrap(), Claim::InFlight);
+        assert_eq!(store.claim("r|s|k", t).await.unwrap(), Claim::Uncertain(41));
+        assert_eq!(store.claim("r|s|k", t).await.unwrap(), Claim::InFlight);
         store.complete("r|s|k", MessageId::new(0, 42), w).await;
         assert_eq!(
-            store.claim("r|s|k", w).await.unwrap(),
+            store.claim("r|s|k", t).await.unwrap(),
             Claim::Repeat(MessageId::new(0, 42))
         );
     }

@@ -27,7 +27,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
-use super::idempotency::{self, Claim, IdempotencyStore, LocalIdempotency};
+use super::idempotency::{self, Claim, ClaimTerms, IdempotencyStore, LocalIdempotency};
 use super::wire;
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, History, MessageId, RoomEvent, RoomMessage,
@@ -327,7 +327,14 @@ impl KafkaBroker {
         // Where the record will be at the earliest, known without asking Kafka (a round trip
         // here would also let keyed publishes overtake each other).
         let end = self.shared.known_end(&topic);
-        let from = match self.idempotency.claim(scope, window).await? {
+        // Longer than this claimer can hold it: the lock wait and the search (each within
+        // publish_timeout), then the produce (within twice that).
+        let terms = ClaimTerms {
+            from: end,
+            lease: self.shared.cfg.publish_timeout * 4 + Duration::from_secs(1),
+            window,
+        };
+        let from = match self.idempotency.claim(scope, terms).await? {
             Claim::Repeat(id) => {
                 crate::telemetry::metric::idempotent_repeat();
                 return Ok(id);
@@ -373,17 +380,26 @@ impl KafkaBroker {
     async fn find_keyed(&self, topic: &str, from: u64, scope: &str) -> Result<Found, BrokerError> {
         let timeout = self.shared.cfg.publish_timeout;
         let (topic, scope) = (topic.to_string(), scope.to_string());
-        self.with_reader(move |c| search_keyed(c, &topic, from, &scope, timeout))
-            .await?
+        // The wait for the reader is bounded too: the claim's lease counts on it.
+        self.with_reader(Some(timeout), move |c| {
+            search_keyed(c, &topic, from, &scope, timeout)
+        })
+        .await?
     }
 
     /// Runs `read` on the history reader, off the async runtime (librdkafka blocks), one read
-    /// at a time.
+    /// at a time; waits at most `wait` (when given) for the reads before it.
     async fn with_reader<T: Send + 'static>(
         &self,
+        wait: Option<Duration>,
         read: impl FnOnce(&BaseConsumer<QuietContext>) -> T + Send + 'static,
     ) -> Result<T, BrokerError> {
-        let mut reader = self.history.lock().await;
+        let mut reader = match wait {
+            None => self.history.lock().await,
+            Some(wait) => tokio::time::timeout(wait, self.history.lock())
+                .await
+                .map_err(|_| unavailable("the Kafka history reader is busy"))?,
+        };
         let consumer = match reader.take() {
             Some(c) => c,
             None => self
@@ -691,7 +707,9 @@ impl Broker for KafkaBroker {
         }
         let timeout = self.shared.cfg.publish_timeout;
         let (records, gap) = self
-            .with_reader(move |c| read_history(c, &topic, after, limit, timeout))
+            .with_reader(None, move |c| {
+                read_history(c, &topic, after, limit, timeout)
+            })
             .await??;
         let events = records
             .into_iter()

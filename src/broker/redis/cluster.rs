@@ -274,9 +274,9 @@ impl ClusterBroker {
 /// Idempotency keys for Kafka with a Cluster beside it: one key per scope, tagged by room.
 #[async_trait::async_trait]
 impl IdempotencyStore for ClusterBroker {
-    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError> {
+    async fn claim(&self, scope: &str, claim: ClaimTerms) -> Result<Claim, BrokerError> {
         let mut conn = self.conn()?;
-        super::keyed::claim(&mut conn, &idempotency_key(scope), window)
+        super::keyed::claim(&mut conn, &idempotency_key(scope), claim)
             .await
             .map_err(unavailable)
     }

@@ -24,7 +24,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Value};
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::idempotency::{self, Claim, IdempotencyStore};
+use super::idempotency::{self, Claim, ClaimTerms, IdempotencyStore};
 use super::wire::{self, WirePresence};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, Edge, History, InstanceInfo, MessageId, Occupant,
@@ -569,47 +569,67 @@ impl From<InstanceInfoOwned> for InstanceInfo {
 }
 
 /// Idempotency keys for a broker that has no script of its own (Kafka with a Redis side):
-/// a placeholder claimed with `SET NX`, replaced by the id once the publish is acked. One key
-/// per scope, so the same commands serve a Cluster.
+/// a pending claim with a lease, replaced by the id once the publish is acked. One key per
+/// scope, so the same commands serve a Cluster.
 pub(super) mod keyed {
     use super::*;
+    use crate::broker::idempotency::ClaimTerms;
     use redis::aio::ConnectionLike;
 
-    const PENDING: &str = "pending";
+    /// `p:<lease end, ms>:<position>`: claimed; after the lease, taken over as uncertain from
+    /// the position.
+    const PENDING: &str = "p:";
     /// `u:<position>`: a publish failed with its outcome unknown (see [`Claim::Uncertain`]).
     const UNCERTAIN: &str = "u:";
 
-    /// Claims a free key, or takes over one whose outcome is unknown, in one step: two retries
-    /// of an uncertain publish never both get to look and publish.
-    /// KEYS: the key. ARGV: window ms. Returns the value before (nil when free).
+    /// Claims a free key, or takes over one whose outcome is unknown or whose lease ran out
+    /// (on the server's clock), in one step: two retries never both get to look and publish.
+    /// KEYS: the key. ARGV: window ms, lease ms, the claimer's position.
+    /// Returns the value before (nil when free; `u:<position>` for a lease that ran out).
     const CLAIM_SCRIPT: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if (not cur) or string.sub(cur, 1, 2) == 'u:' then
-  redis.call('SET', KEYS[1], 'pending', 'PX', ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local from = ARGV[3]
+if cur and string.sub(cur, 1, 2) == 'p:' then
+  local lease_end, pos = string.match(cur, '^p:(%d+):(%d+)$')
+  if lease_end == nil or tonumber(lease_end) > now then
+    return cur
+  end
+  cur = 'u:' .. pos
 end
+if cur and string.sub(cur, 1, 2) == 'u:' then
+  from = string.sub(cur, 3)
+elseif cur then
+  return cur
+end
+redis.call('SET', KEYS[1], 'p:' .. string.format('%.0f', now + tonumber(ARGV[2])) .. ':' .. from, 'PX', ARGV[1])
 return cur
 ";
 
     pub(in crate::broker::redis) async fn claim<C: ConnectionLike + Send>(
         conn: &mut C,
         key: &str,
-        window: Duration,
+        claim: ClaimTerms,
     ) -> Result<Claim, RedisError> {
         let current: Option<String> = redis::cmd("EVAL")
             .arg(CLAIM_SCRIPT)
             .arg(1)
             .arg(key)
-            .arg(window.as_millis() as u64)
+            .arg(claim.window.as_millis() as u64)
+            .arg(claim.lease.as_millis() as u64)
+            .arg(claim.from)
             .query_async(conn)
             .await?;
         Ok(match current.as_deref() {
             None => Claim::Fresh,
-            Some(PENDING) => Claim::InFlight,
+            Some(v) if v.starts_with(PENDING) => Claim::InFlight,
             Some(v) => match v.strip_prefix(UNCERTAIN) {
                 // An unreadable position: look from the start of the log rather than not at all.
                 Some(from) => Claim::Uncertain(from.parse().unwrap_or(0)),
                 None => match v.parse() {
                     Ok(id) => Claim::Repeat(id),
+                    // Not ours to read (another version's `pending`): wait for the window.
                     Err(_) => Claim::InFlight,
                 },
             },
@@ -662,9 +682,9 @@ return cur
 
 #[async_trait::async_trait]
 impl IdempotencyStore for RedisBroker {
-    async fn claim(&self, scope: &str, window: Duration) -> Result<Claim, BrokerError> {
+    async fn claim(&self, scope: &str, claim: ClaimTerms) -> Result<Claim, BrokerError> {
         let mut conn = self.master()?;
-        keyed::claim(&mut conn, &names::idempotency(scope), window)
+        keyed::claim(&mut conn, &names::idempotency(scope), claim)
             .await
             .map_err(|e| self.failed(e))
     }
