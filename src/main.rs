@@ -275,7 +275,7 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     while !gw.is_ready() && connecting.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if let Err(e) = gw.registry.heartbeat(&gw.instance_info()).await {
+    if let Err(e) = gw.heartbeat().await {
         tracing::warn!(error = %e, "first heartbeat failed; retrying in the background");
     }
     // Tools and tests read these lines to find the ports.

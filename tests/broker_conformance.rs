@@ -420,6 +420,51 @@ async fn presence_is_shared_and_diffed(a: &Instance, b: &Instance) {
     assert!(b.registry.presence(&room).await.unwrap().is_empty());
 }
 
+/// An instance that stops heartbeating is reaped by the next heartbeat of another: its presence
+/// is removed and reported (for `presence_leave` webhooks). Both were built with a 1 s
+/// heartbeat TTL.
+async fn a_dead_instances_presence_is_reaped_and_reported(a: &Instance, b: &Instance) {
+    let info = |inst: &Instance| InstanceInfo {
+        id: inst.id.clone(),
+        address: "127.0.0.1:1".into(),
+        started_at: "2026-01-01T00:00:00.000Z".into(),
+        connections: 1,
+        version: "test".into(),
+    };
+    a.registry.heartbeat(&info(a)).await.unwrap();
+    b.registry.heartbeat(&info(b)).await.unwrap();
+    let room = unique_room("reaped");
+    let entry = PresenceEntry {
+        user_id: "bea".into(),
+        conn_id: format!("{}:1", b.id).into(),
+        meta: Arc::from(raw(&format!(r#"{{"session_id":"{}:1"}}"#, b.id))),
+    };
+    b.registry.track(&room, entry.clone(), 1000).await.unwrap();
+    // b stops; a's heartbeats find it dead once its TTL passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let reaped = loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reaped = a.registry.heartbeat(&info(a)).await.unwrap();
+        if !reaped.left.is_empty() || std::time::Instant::now() > deadline {
+            break reaped;
+        }
+    };
+    assert_eq!(reaped.left.len(), 1, "{reaped:?}");
+    let (left_room, left) = &reaped.left[0];
+    assert_eq!(left_room, &room);
+    assert_eq!((&*left.user_id, &*left.conn_id), ("bea", &*entry.conn_id));
+    assert!(a.registry.presence(&room).await.unwrap().is_empty());
+    assert!(
+        a.registry
+            .heartbeat(&info(a))
+            .await
+            .unwrap()
+            .left
+            .is_empty(),
+        "reported once"
+    );
+}
+
 async fn heartbeats_list_instances(a: &Instance) {
     let me = InstanceInfo {
         id: "conf-a".into(),
@@ -641,6 +686,10 @@ mod redis {
 
     /// Two instances (two brokers, two sinks) on one real Redis.
     async fn pair(server: &RedisServer) -> (Instance, Instance) {
+        pair_with_ttl(server, Duration::from_secs(15)).await
+    }
+
+    async fn pair_with_ttl(server: &RedisServer, heartbeat_ttl: Duration) -> (Instance, Instance) {
         let make = |id: &str| {
             let sink = Arc::new(Recording::default());
             let cfg = RedisConfig {
@@ -651,7 +700,7 @@ mod redis {
             let redis = Arc::new(RedisBroker::start(
                 cfg,
                 &rtgate::config::BrokerConfig::default(),
-                Duration::from_secs(15),
+                heartbeat_ttl,
                 id.into(),
                 sink.clone(),
             ));
@@ -700,6 +749,16 @@ mod redis {
     redis_case!(presence_is_shared_and_diffed, |a, b| {
         super::presence_is_shared_and_diffed(&a, &b)
     });
+    #[tokio::test]
+    async fn a_dead_instances_presence_is_reaped_and_reported() {
+        if !require_redis() {
+            return;
+        }
+        let server = RedisServer::start_standalone().await;
+        let (a, b) = pair_with_ttl(&server, Duration::from_secs(1)).await;
+        super::a_dead_instances_presence_is_reaped_and_reported(&a, &b).await;
+    }
+
     redis_case!(heartbeats_list_instances, |a, b| {
         super::heartbeats_list_instances(&a)
     });
@@ -766,6 +825,14 @@ mod cluster {
     /// Two instances (two brokers, two sinks) on one real Redis Cluster (3 masters, each with
     /// a replica: publishes wait for `WAIT 1`).
     async fn pair(topo: &ClusterTopology, n: usize) -> (Instance, Instance) {
+        pair_with_ttl(topo, n, Duration::from_secs(15)).await
+    }
+
+    async fn pair_with_ttl(
+        topo: &ClusterTopology,
+        n: usize,
+        heartbeat_ttl: Duration,
+    ) -> (Instance, Instance) {
         let make = |id: String| {
             let sink = Arc::new(Recording::default());
             let cfg = RedisConfig {
@@ -776,7 +843,7 @@ mod cluster {
             let cluster = Arc::new(ClusterBroker::start(
                 cfg,
                 &rtgate::config::BrokerConfig::default(),
-                Duration::from_secs(15),
+                heartbeat_ttl,
                 id.clone().into(),
                 sink.clone(),
             ));
@@ -828,6 +895,8 @@ mod cluster {
         super::trimmed_history_is_a_gap(&a, HISTORY as usize).await;
         let (a, b) = pair(&topo, 10).await;
         super::occupancy_counts_edges_and_rooms(&a, Some(&b)).await;
+        let (a, b) = pair_with_ttl(&topo, 11, Duration::from_secs(1)).await;
+        super::a_dead_instances_presence_is_reaped_and_reported(&a, &b).await;
         let store = |id: &str| {
             ClusterBroker::start(
                 RedisConfig {

@@ -823,6 +823,66 @@ async fn across_two_instances_over_redis() {
     assert_eq!((status, error_code(&e)), (404, "not_found"), "{e}");
 }
 
+/// An instance dies (SIGKILL) with a tracked member: the instance that reaps it announces that
+/// member's `presence_leave`, then `room_vacated`, once each. Before: only `room_vacated`, so
+/// a backend following presence kept the dead instance's users present for good.
+#[tokio::test]
+async fn a_dead_instances_presence_leaves_are_announced() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start_standalone().await;
+    let backend = Backend::start().await;
+    let cfg = redis.broker_toml("", "")
+        + &webhooks_toml(&backend, None)
+        + "[heartbeat]\ninterval = \"500ms\"\nttl = \"2s\"\n";
+    let a = Server::start(&cfg).await;
+    let b = Server::start(&cfg).await;
+    let room = "public:dies-with-a";
+    let mut mia = a.user("mia").await;
+    mia.join(room).await;
+    mia.request_ok(json!({"type": "track", "room": room, "data": {}}))
+        .await;
+    let events = backend
+        .wait_events(Duration::from_secs(5), |e| {
+            !events_named(e, "presence_join", room).is_empty()
+        })
+        .await;
+    let join = events_named(&events, "presence_join", room)[0].clone();
+    // SIGKILL, with mia still there (she notices afterwards).
+    drop(a);
+    drop(mia);
+    backend
+        .wait_events(Duration::from_secs(10), |e| {
+            !events_named(e, "room_vacated", room).is_empty()
+        })
+        .await;
+    // Time for a second, wrong, one to arrive.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let events = backend.events();
+    let names: Vec<&str> = events
+        .iter()
+        .filter(|e| e["room"] == room)
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    // The first two come from two writers (presence, occupancy) in either order.
+    assert_eq!(
+        names[2..],
+        ["presence_leave", "room_vacated"],
+        "{events:?}\n{}",
+        b.logs()
+    );
+    assert_eq!(names.len(), 4, "{events:?}");
+    let leave = events_named(&events, "presence_leave", room)[0];
+    assert_eq!(leave["user_id"], "mia");
+    assert_eq!(leave["session_id"], join["session_id"]);
+    assert_ne!(
+        leave["instance_id"], join["instance_id"],
+        "announced by the instance that reaped the dead one"
+    );
+    drop(b);
+}
+
 /// `GET /api/v1/rooms` until its rooms are `want` (bounded), then its last answer.
 async fn wait_rooms(server: &Server, want: Value) -> Value {
     let deadline = std::time::Instant::now() + WAIT;

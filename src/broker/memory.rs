@@ -12,7 +12,8 @@ use futures_util::FutureExt;
 use super::idempotency::{self, LocalIdempotency};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, Edge, History, InstanceInfo, MessageId, Occupant,
-    PresenceDiff, PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
+    PresenceDiff, PresenceEntry, Reaped, Registry, RoomEvent, RoomMessage, RoomName, Subscribed,
+    Tracked,
 };
 
 #[derive(Default)]
@@ -261,9 +262,9 @@ impl Registry for MemoryBroker {
         Ok(self.presence.lock().get(room).cloned().unwrap_or_default())
     }
 
-    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Vec<RoomName>, BrokerError> {
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Reaped, BrokerError> {
         *self.me.lock() = Some(me.clone());
-        Ok(Vec::new())
+        Ok(Reaped::default())
     }
 
     async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {

@@ -203,6 +203,15 @@ pub struct PresenceEntry {
     pub meta: Arc<RawValue>,
 }
 
+/// What a heartbeat removed of instances found dead, for the webhooks.
+#[derive(Debug, Default)]
+pub struct Reaped {
+    /// Rooms left with no member anywhere.
+    pub vacated: Vec<RoomName>,
+    /// The dead instances' presence entries, by room.
+    pub left: Vec<(RoomName, PresenceEntry)>,
+}
+
 #[derive(Debug, Default)]
 pub struct PresenceDiff {
     pub room: RoomName,
@@ -341,8 +350,8 @@ pub trait Registry: Send + Sync + 'static {
     async fn presence(&self, room: &RoomName) -> Result<Vec<PresenceEntry>, BrokerError>;
 
     /// Records this instance as alive. Instances found dead are removed (presence and
-    /// occupancy); returns the rooms that this left with no member anywhere.
-    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Vec<RoomName>, BrokerError>;
+    /// occupancy); returns what this removed.
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Reaped, BrokerError>;
 
     /// Every instance whose heartbeat is alive.
     async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError>;

@@ -868,6 +868,20 @@ impl Gateway {
     }
 
     /// Periodic work: liveness sweep and heartbeat.
+    /// Records this instance as alive. What it removed of dead instances goes to the
+    /// webhooks: their presence entries as `presence_leave`, then the rooms left empty.
+    pub async fn heartbeat(&self) -> Result<(), BrokerError> {
+        let reaped = self.registry.heartbeat(&self.instance_info()).await?;
+        for (room, entry) in &reaped.left {
+            self.webhooks
+                .presence_leave(room, &entry.user_id, &entry.conn_id);
+        }
+        for room in &reaped.vacated {
+            self.webhooks.room(room, Edge::Vacated);
+        }
+        Ok(())
+    }
+
     pub async fn run_maintenance(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut last_heartbeat: Option<Instant> = None;
@@ -889,14 +903,8 @@ impl Gateway {
             // A failed heartbeat is retried on the next tick once the broker is back.
             let due = last_heartbeat.is_none_or(|t| t.elapsed() >= self.config.heartbeat.interval);
             if due && self.registry.is_ready() {
-                match self.registry.heartbeat(&self.instance_info()).await {
-                    Ok(vacated) => {
-                        last_heartbeat = Some(Instant::now());
-                        // Rooms left empty by a dead instance: this one reaped it.
-                        for room in vacated {
-                            self.webhooks.room(&room, Edge::Vacated);
-                        }
-                    }
+                match self.heartbeat().await {
+                    Ok(()) => last_heartbeat = Some(Instant::now()),
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }
                 metric::upkeep();

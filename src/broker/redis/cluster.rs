@@ -56,16 +56,19 @@ static PROBE: LazyLock<String> =
 
 /// Removes a dead instance's presence in one room and announces the leaves.
 /// KEYS: presence hash, the instance's index in the room, room channel.
+/// Returns the removed entries.
 const REAP_ROOM_SCRIPT: &str = r#"
+local out = {}
 for _, conn in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local old = redis.call('HGET', KEYS[1], conn)
   if old then
     redis.call('HDEL', KEYS[1], conn)
     redis.call('SPUBLISH', KEYS[3], '{"type":"presence_diff","data":{"joins":[],"leaves":[' .. old .. ']}}')
+    table.insert(out, old)
   end
 end
 redis.call('DEL', KEYS[2])
-return 1
+return out
 "#;
 
 enum Request {
@@ -498,9 +501,9 @@ impl Registry for ClusterBroker {
         Ok(presence_entries(&values))
     }
 
-    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Vec<RoomName>, BrokerError> {
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Reaped, BrokerError> {
         let mut conn = self.conn()?;
-        let mut vacated = Vec::new();
+        let mut reaped = Reaped::default();
         let info = serde_json::to_string(me).map_err(|e| BrokerError::Other(e.to_string()))?;
         let dead: Vec<String> = redis::cmd("EVAL")
             .arg(HEARTBEAT_SCRIPT)
@@ -531,29 +534,34 @@ impl Registry for ClusterBroker {
                 .map_err(unavailable)?;
             for room in &rooms {
                 let tagged = tag(room);
-                redis::cmd("EVAL")
+                let entries: Vec<String> = redis::cmd("EVAL")
                     .arg(REAP_ROOM_SCRIPT)
                     .arg(3)
                     .arg(names::presence(&tagged))
                     .arg(presence_index(room, &id))
                     .arg(names::room_channel(&tagged))
-                    .query_async::<i64>(&mut conn)
+                    .query_async(&mut conn)
                     .await
                     .map_err(unavailable)?;
+                for entry in &entries {
+                    if let Some(left) = super::reaped_entry(room, entry) {
+                        reaped.left.push(left);
+                    }
+                }
             }
             redis::cmd("DEL")
                 .arg(presence_rooms(&id))
                 .query_async::<i64>(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            vacated.extend(
+            reaped.vacated.extend(
                 occupancy::reap(&mut conn, OCCUPANCY, &id)
                     .await
                     .map_err(unavailable)?,
             );
             tracing::info!(instance = %id, rooms = rooms.len(), "removed a dead instance's presence");
         }
-        Ok(vacated)
+        Ok(reaped)
     }
 
     async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {

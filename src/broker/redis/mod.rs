@@ -28,7 +28,7 @@ use super::idempotency::{self, Claim, ClaimTerms, IdempotencyStore};
 use super::wire::{self, WirePresence};
 use super::{
     Broker, BrokerError, Deliver, DirectMessage, Edge, History, InstanceInfo, MessageId, Occupant,
-    PresenceEntry, Registry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
+    PresenceEntry, Reaped, Registry, RoomEvent, RoomMessage, RoomName, Subscribed, Tracked,
 };
 use crate::config::{BrokerConfig, RedisConfig};
 use crate::supervise::{self, Exit, Handoff};
@@ -434,9 +434,9 @@ impl Registry for RedisBroker {
         Ok(presence_entries(&values))
     }
 
-    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Vec<RoomName>, BrokerError> {
+    async fn heartbeat(&self, me: &InstanceInfo) -> Result<Reaped, BrokerError> {
         let mut conn = self.master()?;
-        let mut vacated = Vec::new();
+        let mut reaped_all = Reaped::default();
         let info = serde_json::to_string(me).map_err(|e| BrokerError::Other(e.to_string()))?;
         let ttl_ms = self.shared.heartbeat_ttl.as_millis() as u64;
         let dead: Vec<String> = redis::cmd("EVAL")
@@ -451,7 +451,7 @@ impl Registry for RedisBroker {
             .await
             .map_err(|e| self.failed(e))?;
         for id in dead {
-            let reaped: i64 = redis::cmd("EVAL")
+            let reaped: Vec<String> = redis::cmd("EVAL")
                 .arg(REAP_SCRIPT)
                 .arg(1)
                 .arg(names::INSTANCES)
@@ -459,16 +459,25 @@ impl Registry for RedisBroker {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.failed(e))?;
-            if reaped == 1 {
-                vacated.extend(
-                    occupancy::reap(&mut conn, OCCUPANCY, &id)
-                        .await
-                        .map_err(|e| self.failed(e))?,
-                );
-                tracing::info!(instance = %id, "removed a dead instance's presence");
+            let Some((first, entries)) = reaped.split_first() else {
+                continue; // another instance reaped it
+            };
+            if first != "reaped" {
+                continue;
             }
+            for pair in entries.chunks_exact(2) {
+                if let Some(left) = reaped_entry(&pair[0], &pair[1]) {
+                    reaped_all.left.push(left);
+                }
+            }
+            reaped_all.vacated.extend(
+                occupancy::reap(&mut conn, OCCUPANCY, &id)
+                    .await
+                    .map_err(|e| self.failed(e))?,
+            );
+            tracing::info!(instance = %id, entries = entries.len() / 2, "removed a dead instance's presence");
         }
-        Ok(vacated)
+        Ok(reaped_all)
     }
 
     async fn instances(&self) -> Result<Vec<InstanceInfo>, BrokerError> {
@@ -536,6 +545,21 @@ fn presence_entries(values: &[String]) -> Vec<PresenceEntry> {
             }
         })
         .collect()
+}
+
+/// A reaped presence entry as stored (untrusted: one that does not decode is skipped).
+fn reaped_entry(room: &str, entry: &str) -> Option<(RoomName, PresenceEntry)> {
+    if !crate::protocol::valid_room(room) {
+        return None;
+    }
+    let room: RoomName = Arc::from(room);
+    match wire::decode_presence(entry.as_bytes()) {
+        Ok(entry) => Some((room, entry)),
+        Err(e) => {
+            wire::skip_bad_payload("redis", "presence entry", &e);
+            None
+        }
+    }
 }
 
 /// The live instances' stored heartbeats; one that does not parse is left out.

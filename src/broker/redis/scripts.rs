@@ -109,8 +109,11 @@ return out
 ";
 
 /// Removes a dead instance's presence (once, whoever gets there first) and announces leaves.
+/// Returns nothing if another instance got there first, else `reaped` then each removed
+/// entry's room and entry.
 pub(super) const REAP_SCRIPT: &str = r#"
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return {} end
+local out = {'reaped'}
 local index = 'rt:presence-of:' .. ARGV[1]
 for _, member in ipairs(redis.call('SMEMBERS', index)) do
   local nl = string.find(member, '\n', 1, true)
@@ -121,8 +124,10 @@ for _, member in ipairs(redis.call('SMEMBERS', index)) do
   if old then
     redis.call('HDEL', hash, conn)
     redis.call('PUBLISH', 'rt:room:' .. room, '{"type":"presence_diff","data":{"joins":[],"leaves":[' .. old .. ']}}')
+    table.insert(out, room)
+    table.insert(out, old)
   end
 end
 redis.call('DEL', index)
-return 1
+return out
 "#;
