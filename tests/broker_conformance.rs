@@ -104,6 +104,8 @@ fn unique_room(case: &str) -> RoomName {
 
 async fn publish_reaches_subscribers_in_order_once(a: &Instance, b: &Instance) {
     let room = unique_room("order");
+    // Stored before anyone subscribed: not delivered, but named as the first delivery's `prev`.
+    let before = a.broker.publish(message(&room, 99)).await.unwrap();
     a.broker.subscribe(&room).await.unwrap();
     b.broker.subscribe(&room).await.unwrap();
     let mut ids = Vec::new();
@@ -116,6 +118,22 @@ async fn publish_reaches_subscribers_in_order_once(a: &Instance, b: &Instance) {
             .wait("50 deliveries", |s| s.room_ids(&room).len() >= 50)
             .await;
         assert_eq!(inst.sink.room_ids(&room), ids, "same ids, same order, once");
+        let prevs: Vec<MessageId> = inst
+            .sink
+            .rooms
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.msg.room == room)
+            .map(|e| e.prev)
+            .collect();
+        let want: Vec<MessageId> = std::iter::once(before)
+            .chain(ids[..49].iter().copied())
+            .collect();
+        assert_eq!(
+            prevs, want,
+            "each delivery names the stored message before it"
+        );
     }
     let first = a.sink.rooms.lock().unwrap()[0].clone();
     assert_eq!(first.msg.data.get(), r#"{"n":0}"#);

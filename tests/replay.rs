@@ -255,6 +255,78 @@ async fn drop_new_overflow_is_announced_and_recoverable() {
     overflow_is_announced_and_recoverable("drop_new").await;
 }
 
+/// The first message this instance delivers in a room is dropped for a slow member. Before:
+/// its notice said `since` `0-0` (nothing delivered here yet), and the rejoin replayed the
+/// room's whole history, messages from before the member joined included. Now the notice
+/// names the stored message before the dropped one, and the rejoin gives back exactly that.
+#[tokio::test]
+async fn a_first_delivery_dropped_is_recovered_from_the_message_before_it() {
+    const N: usize = 400;
+    let server = Server::start(
+        "[ws]\nsend_queue_max = 8\noverflow_policy = \"drop_new\"\n\
+         rate_limit_per_sec = 100000\nrate_limit_burst = 100000\n\
+         [broker]\nhistory_size = 2000\nreplay_limit = 2000",
+    )
+    .await;
+    let (flood, late) = ("public:flood", "public:quiet");
+    let mut publisher = server.user("p").await;
+    let mut before = Vec::new();
+    for i in 0..3 {
+        before.push(publisher.publish(late, json!({"n": i})).await);
+    }
+    let mut slow = Client::connect_small_rcvbuf(&server.ws_url(&token("slow", false, 3600))).await;
+    slow.read_welcome().await;
+    slow.join(flood).await;
+    slow.join(late).await;
+    // The slow client stops reading: its queue fills and stays full.
+    let filler = "x".repeat(32 * 1024 - 200);
+    for i in 0..N {
+        publisher
+            .publish(flood, json!({"n": i, "pad": filler}))
+            .await;
+    }
+    let dropped = server
+        .metric_sum("rtgate_dropped_frames_total", "policy=\"drop_new\"")
+        .await;
+    assert!(
+        dropped > 0.0,
+        "the flood dropped nothing: the test proves nothing"
+    );
+    let lost = publisher.publish(late, json!({"n": 3})).await;
+    assert!(
+        server
+            .metric_sum("rtgate_dropped_frames_total", "policy=\"drop_new\"")
+            .await
+            > dropped,
+        "the quiet room's message was not dropped: the test proves nothing"
+    );
+
+    let mut notices = Vec::new();
+    for _ in 0..N * 4 {
+        let Some(v) = slow.recv_json(Duration::from_millis(1500)).await else {
+            break;
+        };
+        assert!(
+            !(v["type"] == "message" && v["room"] == late),
+            "the quiet room's message was delivered: {v}"
+        );
+        if v["type"] == "system" && v["room"] == late && v["data"]["event"] == "overflow" {
+            notices.push(v["data"]["since"].as_str().expect("since").to_string());
+        }
+    }
+    assert_eq!(
+        notices,
+        [before[2].clone()],
+        "one notice, from the message before"
+    );
+    // As the SDK does: leave, then join again with the notice's `since`.
+    slow.leave(late).await;
+    let (replayed, reply) = join_since(&mut slow, late, &notices[0]).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    let ids: Vec<&str> = replayed.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [lost.as_str()], "exactly the dropped message");
+}
+
 /// Publishes until an ack comes back (the broker may still be reconnecting); returns the id.
 async fn publish_when_ready(c: &mut Client, room: &str, data: Value) -> String {
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -1250,6 +1250,8 @@ fn deliver_room<M: Message>(shared: &Shared, room: &RoomName, m: &M, payload: &[
             .filter(|v| wire::valid_traceparent(v))
     });
     event.msg.traceparent = traceparent.map(String::from);
+    // The record before this one in the room's partition (`0-0` before the first).
+    event.prev = MessageId::new(id.hi, id.lo.saturating_sub(1));
     shared.sink.room_event(Arc::new(event));
 }
 

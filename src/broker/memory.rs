@@ -115,8 +115,14 @@ impl Broker for MemoryBroker {
         if let Some(scope) = &scope {
             self.idempotency.record(scope, id, self.idempotency_window);
         }
-        let event = Arc::new(RoomEvent { id, msg });
-        let log = logs.entry(event.msg.room.clone()).or_default();
+        let log = logs.entry(msg.room.clone()).or_default();
+        let prev = log
+            .events
+            .back()
+            .map(|e| e.id)
+            .or(log.trimmed_through)
+            .unwrap_or(MessageId::ZERO);
+        let event = Arc::new(RoomEvent { id, msg, prev });
         log.events.push_back(event.clone());
         while log.events.len() > self.history_size {
             if let Some(old) = log.events.pop_front() {

@@ -110,6 +110,10 @@ pub struct RoomMessage {
 pub struct RoomEvent {
     pub id: MessageId,
     pub msg: RoomMessage,
+    /// Delivered live: the room's stored message just before this one, as the delivering
+    /// broker knows it (`0-0`: none, or not known; history reads leave it so). The `since`
+    /// that recovers this message if it is dropped.
+    pub prev: MessageId,
 }
 
 /// A message for every connection of one user, on any instance.

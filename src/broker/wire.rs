@@ -109,6 +109,7 @@ impl WireMessage<'_> {
     fn into_event(self, room: &RoomName, id: MessageId) -> RoomEvent {
         RoomEvent {
             id,
+            prev: MessageId::ZERO,
             msg: RoomMessage {
                 room: room.clone(),
                 kind: self.kind,

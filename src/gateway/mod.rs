@@ -562,7 +562,8 @@ impl Deliver for Hub {
         };
         let prev = {
             let mut last = room.last_id.lock();
-            let prev = *last;
+            // The broker knows what was stored before the room's first delivery here.
+            let prev = (*last).max(event.prev);
             *last = prev.max(event.id);
             prev
         };

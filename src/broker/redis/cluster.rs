@@ -1087,9 +1087,9 @@ async fn on_push(
             Ok((event, Some(prev))) if prev > last && event.id > last => {
                 // An earlier message never arrived live: read it from the stream first.
                 catch_up(shared, conn, &room, Some(event.id)).await?;
-                deliver(shared, Arc::new(event));
+                deliver(shared, event);
             }
-            Ok((event, _)) => deliver(shared, Arc::new(event)),
+            Ok((event, _)) => deliver(shared, event),
             Err(e) => wire::skip_bad_payload("redis", "room message", &e),
         }
     } else if untag(&channel, names::USER_PREFIX).is_some() {
@@ -1101,8 +1101,9 @@ async fn on_push(
     Ok(())
 }
 
-/// Delivers a room event unless it was delivered already (ids only grow per room).
-fn deliver(shared: &ClusterShared, event: Arc<RoomEvent>) {
+/// Delivers a room event unless it was delivered already (ids only grow per room); the last
+/// id delivered here is the one before it (see the single-node subscriber).
+fn deliver(shared: &ClusterShared, mut event: RoomEvent) {
     {
         let mut rooms = shared.rooms.lock();
         let Some(last) = rooms.get_mut(&event.msg.room) else {
@@ -1111,9 +1112,10 @@ fn deliver(shared: &ClusterShared, event: Arc<RoomEvent>) {
         if event.id <= *last {
             return;
         }
+        event.prev = *last;
         *last = event.id;
     }
-    shared.sink.room_event(event);
+    shared.sink.room_event(Arc::new(event));
 }
 
 /// Reads what the room's stream holds after the last delivered id (through `through`) and
@@ -1163,7 +1165,7 @@ async fn catch_up(
             return Err(io_timeout("replica confirmation of the catch-up"));
         }
         for event in events {
-            deliver(shared, Arc::new(event));
+            deliver(shared, event);
         }
         if entries.len() < PAGE {
             return Ok(());

@@ -418,7 +418,7 @@ pub(super) async fn catch_up(
             return Err(io_timeout("replica confirmation of the catch-up"));
         }
         for event in events {
-            deliver_room(shared, subs, Arc::new(event));
+            deliver_room(shared, subs, event);
         }
         if !full {
             return Ok(());
@@ -427,16 +427,19 @@ pub(super) async fn catch_up(
     Ok(())
 }
 
-/// Delivers a room event unless it was delivered already (ids only grow per room).
-pub(super) fn deliver_room(shared: &Shared, subs: &mut Subscriptions, event: Arc<RoomEvent>) {
+/// Delivers a room event unless it was delivered already (ids only grow per room). The last
+/// id delivered here (from the stream's newest when the room was subscribed) is the one
+/// before it: every entry between was delivered first, by the catch-up.
+pub(super) fn deliver_room(shared: &Shared, subs: &mut Subscriptions, mut event: RoomEvent) {
     let Some(last) = subs.rooms.get_mut(&event.msg.room) else {
         return;
     };
     if event.id <= *last {
         return;
     }
+    event.prev = *last;
     *last = event.id;
-    shared.sink.room_event(event);
+    shared.sink.room_event(Arc::new(event));
 }
 
 /// Delivers one Pub/Sub message. Returns it undelivered when it shows that an earlier one never
@@ -445,7 +448,7 @@ pub(super) fn on_message(
     shared: &Shared,
     msg: &redis::Msg,
     subs: &mut Subscriptions,
-) -> Option<Arc<RoomEvent>> {
+) -> Option<RoomEvent> {
     let channel = msg.get_channel_name();
     let payload = msg.get_payload_bytes();
     if let Some(room) = channel.strip_prefix(names::ROOM_PREFIX) {
@@ -464,9 +467,9 @@ pub(super) fn on_message(
         crate::supervise::fault_point(&room);
         match wire::decode_live_message(payload, Some(&room), None) {
             Ok((event, Some(prev))) if prev > last && event.id > last => {
-                return Some(Arc::new(event));
+                return Some(event);
             }
-            Ok((event, _)) => deliver_room(shared, subs, Arc::new(event)),
+            Ok((event, _)) => deliver_room(shared, subs, event),
             Err(e) => wire::skip_bad_payload("redis", "room message", &e),
         }
     } else if channel.starts_with(names::USER_PREFIX) {
