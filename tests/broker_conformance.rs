@@ -252,6 +252,16 @@ async fn claims_are_leased_then_taken_over(a: &dyn IdempotencyStore, b: &dyn Ide
     assert_eq!(b.claim(&other, terms(1, 300)).await.unwrap(), Claim::Fresh);
 }
 
+/// [`claims_are_leased_then_taken_over`] on two stores of a shared backend, once connected.
+async fn claims_once_ready<S: Registry + IdempotencyStore>(a: &S, b: &S) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(Registry::is_ready(a) && Registry::is_ready(b)) {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    claims_are_leased_then_taken_over(a, b).await;
+}
+
 #[tokio::test]
 async fn claims_are_leased_then_taken_over_in_process() {
     let store = rtgate::broker::idempotency::LocalIdempotency::new(100);
@@ -813,12 +823,7 @@ mod redis {
             .presence_only()
         };
         let (a, b) = (store("claim-a"), store("claim-b"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !(Registry::is_ready(&a) && Registry::is_ready(&b)) {
-            assert!(std::time::Instant::now() < deadline, "never ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        super::claims_are_leased_then_taken_over(&a, &b).await;
+        super::claims_once_ready(&a, &b).await;
     }
 
     #[tokio::test]
@@ -929,12 +934,7 @@ mod cluster {
             .presence_only()
         };
         let (a, b) = (store("cl-claim-a"), store("cl-claim-b"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !(Registry::is_ready(&a) && Registry::is_ready(&b)) {
-            assert!(std::time::Instant::now() < deadline, "never ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        super::claims_are_leased_then_taken_over(&a, &b).await;
+        super::claims_once_ready(&a, &b).await;
     }
 }
 

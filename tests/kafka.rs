@@ -590,6 +590,31 @@ async fn topic_records(kafka: &KafkaServer, topic: &str) -> Vec<(String, Value)>
 }
 
 /// Publishes with `key` until acked (retrying `unavailable` for up to 20 s); the id.
+/// The id of the record of `topic` with `data.seq == seq`, once the broker has it (bounded).
+async fn stored_id_of(kafka: &KafkaServer, topic: &str, seq: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = topic_records(kafka, topic).await;
+        if let Some((id, _)) = records.iter().find(|(_, v)| v["data"]["seq"] == seq) {
+            return id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker did not store seq {seq}: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `data.seq` of every record of `topic`, in order.
+async fn stored_seqs(kafka: &KafkaServer, topic: &str) -> Vec<u64> {
+    topic_records(kafka, topic)
+        .await
+        .iter()
+        .map(|(_, v)| v["data"]["seq"].as_u64().unwrap())
+        .collect()
+}
+
 async fn publish_keyed_until_acked(
     server: &Server,
     client: &mut common::Client,
@@ -660,18 +685,7 @@ async fn a_keyed_retry_after_a_lost_ack_is_not_stored_twice() {
 
         // The broker took the record: this is the case under test.
         let topic = rtgate::broker::kafka::room_topic(room);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stored_id = loop {
-            let records = topic_records(&kafka, &topic).await;
-            if let Some((id, _)) = records.iter().find(|(_, v)| v["data"]["seq"] == 1) {
-                break id.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{case}: the broker did not store the timed-out record: {records:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let stored_id = stored_id_of(&kafka, &topic, 1).await;
 
         // The retry, through the other instance when keys are shared.
         let mut retrier = b.as_ref().unwrap_or(&a).user("p").await;
@@ -689,11 +703,7 @@ async fn a_keyed_retry_after_a_lost_ack_is_not_stored_twice() {
         );
         retrier.publish(room, json!({"seq": 2})).await;
 
-        let records = topic_records(&kafka, &topic).await;
-        let seqs: Vec<u64> = records
-            .iter()
-            .map(|(_, v)| v["data"]["seq"].as_u64().unwrap())
-            .collect();
+        let seqs = stored_seqs(&kafka, &topic).await;
         assert_eq!(seqs, [0, 1, 2], "{case}: stored once each, in order");
         let frames = sub.collect_for(Duration::from_secs(2)).await;
         let got: Vec<u64> = messages_in(&frames, room)
@@ -728,18 +738,7 @@ async fn a_keyed_publish_cut_off_by_a_disconnect_leaves_its_key_usable() {
         .send_json(&json!({"type": "message", "room": room, "data": {"seq": 1}, "idempotency_key": "k-cut"}))
         .await;
     let topic = rtgate::broker::kafka::room_topic(room);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stored_id = loop {
-        let records = topic_records(&kafka, &topic).await;
-        if let Some((id, _)) = records.iter().find(|(_, v)| v["data"]["seq"] == 1) {
-            break id.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broker did not store the record: {records:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let stored_id = stored_id_of(&kafka, &topic, 1).await;
     // Gone while its publish waits for the lost ack.
     drop(first);
     kafka.lose_produce_acks(false);
@@ -747,11 +746,7 @@ async fn a_keyed_publish_cut_off_by_a_disconnect_leaves_its_key_usable() {
     let mut again = a.user("p").await;
     let id = publish_keyed_until_acked(&a, &mut again, room, json!({"seq": 1}), "k-cut").await;
     assert_eq!(id, stored_id, "the resend is acked with the stored id");
-    let seqs: Vec<u64> = topic_records(&kafka, &topic)
-        .await
-        .iter()
-        .map(|(_, v)| v["data"]["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = stored_seqs(&kafka, &topic).await;
     assert_eq!(seqs, [0, 1], "stored once each");
 
     // The same through the server API: the caller hangs up while its broadcast waits.
@@ -787,11 +782,7 @@ async fn a_keyed_publish_cut_off_by_a_disconnect_leaves_its_key_usable() {
         assert!(Instant::now() < deadline, "never acked: {answer}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let seqs: Vec<u64> = topic_records(&kafka, &topic)
-        .await
-        .iter()
-        .map(|(_, v)| v["data"]["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = stored_seqs(&kafka, &topic).await;
     assert_eq!(seqs, [0, 1, 2], "the broadcast stored once");
 }
 
@@ -818,18 +809,7 @@ async fn a_keyed_publish_whose_instance_died_is_found_after_the_claims_lease() {
         .send_json(&json!({"type": "message", "room": room, "data": {"seq": 1}, "idempotency_key": "k-died"}))
         .await;
     let topic = rtgate::broker::kafka::room_topic(room);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stored_id = loop {
-        let records = topic_records(&kafka, &topic).await;
-        if let Some((id, _)) = records.iter().find(|(_, v)| v["data"]["seq"] == 1) {
-            break id.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broker did not store the record: {records:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let stored_id = stored_id_of(&kafka, &topic, 1).await;
     // SIGKILL, while the claim waits for the lost ack.
     drop(first);
     drop(a);
@@ -839,11 +819,7 @@ async fn a_keyed_publish_whose_instance_died_is_found_after_the_claims_lease() {
     let mut again = b.user("p").await;
     let id = publish_keyed_until_acked(&b, &mut again, room, json!({"seq": 1}), "k-died").await;
     assert_eq!(id, stored_id, "the resend is acked with the stored id");
-    let seqs: Vec<u64> = topic_records(&kafka, &topic)
-        .await
-        .iter()
-        .map(|(_, v)| v["data"]["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = stored_seqs(&kafka, &topic).await;
     assert_eq!(seqs, [0, 1], "stored once each");
     println!(
         "the dead instance's claim was taken over after {:?}",
