@@ -304,6 +304,9 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
         gw.run_maintenance(stop)
     });
     supervise_until_stop("occupancy", &gw, &stop, |gw, stop| gw.run_occupancy(stop));
+    supervise_until_stop("presence", &gw, &stop, |gw, stop| {
+        gw.run_presence_resync(stop)
+    });
     let webhooks = tokio::spawn(gw.webhooks.clone().run(
         stop.clone(),
         config.shutdown.grace.min(Duration::from_secs(5)),

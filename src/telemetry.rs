@@ -187,6 +187,10 @@ pub mod metric {
             "Redis Cluster: time to store and fan out a publish, by the master (shard) serving the room"
         );
         describe_counter!(
+            "rtgate_presence_resent_total",
+            "Members sent a room's presence again after its diffs were lost with a broker subscription"
+        );
+        describe_counter!(
             "rtgate_overflow_notices_total",
             "`overflow` notices sent: a room lost messages to a connection's overflow policy"
         );
@@ -252,6 +256,12 @@ pub mod metric {
     /// them; its members got an overflow notice.
     pub fn catch_up_lost() {
         counter!("rtgate_catch_up_lost_total").increment(1);
+    }
+
+    /// Members sent a room's current presence again after its diffs were lost with the
+    /// broker's subscription.
+    pub fn presence_resent(members: u64) {
+        counter!("rtgate_presence_resent_total").increment(members);
     }
 
     /// A connection was told which room lost messages and from where to recover them.

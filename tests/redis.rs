@@ -613,6 +613,54 @@ async fn hostile_payloads_on_a_room_channel_are_skipped_and_counted() {
     );
 }
 
+/// A's subscription is lost with a presence diff unread (injected: the connection drops as
+/// lee's `track` on B reaches it). Messages are caught up from the stream after the
+/// reconnect, but a presence diff has no stream: before, kim on A never learned that lee was
+/// there, for as long as lee stayed. Now A sends kim the room's current presence again.
+#[tokio::test]
+async fn presence_lost_with_the_subscription_is_sent_again() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start_standalone().await;
+    let cfg = redis.broker_toml("", "");
+    let a = Server::start_with_env(&cfg, &[("RTGATE_FAULT_INJECTION", "1")]).await;
+    let b = Server::start(&cfg).await;
+    let room = "public:fault-cut";
+    let mut kim = a.user("kim").await;
+    kim.join(room).await;
+    let mut lee = b.user("lee").await;
+    lee.join(room).await;
+    lee.request_ok(json!({"type": "track", "room": room, "data": {"here": true}}))
+        .await;
+    let state = kim
+        .recv_until(
+            // (Not the empty state of kim's own join.)
+            |v| {
+                (v["type"] == "presence_state" && v["data"]["lee"].is_array())
+                    || v["type"] == "presence_diff"
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("kim hears of lee's presence");
+    assert_eq!(
+        state["type"], "presence_state",
+        "the diff was lost: {state}"
+    );
+    assert_eq!(state["room"], room);
+    assert_eq!(state["data"]["lee"][0]["here"], true, "{state}");
+    assert!(a.metric_sum("rtgate_presence_resent_total", "").await >= 1.0);
+    // Diffs flow again on the new subscription.
+    lee.request_ok(json!({"type": "untrack", "room": room}))
+        .await;
+    let diff = kim
+        .recv_until(|v| v["type"] == "presence_diff", WAIT)
+        .await
+        .expect("the untrack's diff");
+    assert!(diff["data"]["leaves"]["lee"].is_array(), "{diff}");
+}
+
 /// Two instances over `cfg`: a room message from A reaches B, a direct message from B reaches
 /// A, and a `since` join on B replays what followed.
 async fn rooms_direct_and_replay_across(cfg: &str, room: &str) {

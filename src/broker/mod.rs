@@ -281,6 +281,9 @@ pub trait Deliver: Send + Sync + 'static {
     /// Messages of `room` after `since` can no longer be delivered here (the broker dropped
     /// them before this instance read them): local members are told where to recover from.
     fn lost(&self, _room: &RoomName, _since: MessageId) {}
+    /// The subscription that carries the presence diffs of `rooms` was made again after a
+    /// loss: diffs sent meanwhile are gone, so local members need the current presence.
+    fn presence_stale(&self, _rooms: Vec<RoomName>) {}
     /// Read by a receiving task that restarts after a fault, to subscribe again.
     fn wanted(&self) -> Wanted {
         Wanted::default()

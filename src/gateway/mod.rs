@@ -152,6 +152,10 @@ pub struct Hub {
     /// them (bounded by the rooms and users there are).
     dirty: Mutex<HashSet<Occupant>>,
     dirty_wake: tokio::sync::Notify,
+    /// Rooms whose members missed presence diffs (the broker's subscription was lost): they
+    /// get the current presence again.
+    stale_presence: Mutex<HashSet<RoomName>>,
+    stale_wake: tokio::sync::Notify,
 }
 
 /// How many connections an instance and one user on it may hold.
@@ -203,6 +207,8 @@ impl Hub {
             sessions: Mutex::default(),
             dirty: Mutex::default(),
             dirty_wake: tokio::sync::Notify::new(),
+            stale_presence: Mutex::default(),
+            stale_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -222,6 +228,34 @@ impl Hub {
             }
             self.dirty_wake.notified().await;
         }
+    }
+
+    /// Waits until some room's presence went stale here, then returns those rooms.
+    pub async fn stale_presence(&self) -> Vec<RoomName> {
+        loop {
+            let stale = std::mem::take(&mut *self.stale_presence.lock());
+            if !stale.is_empty() {
+                return stale.into_iter().collect();
+            }
+            self.stale_wake.notified().await;
+        }
+    }
+
+    /// Marks rooms whose presence could not be sent again (the broker was down).
+    pub fn retry_presence(&self, rooms: Vec<RoomName>) {
+        self.stale_presence.lock().extend(rooms);
+    }
+
+    /// Sends `frame` to every local member of `room`.
+    fn send_to_members(&self, room: &RoomName, frame: &Utf8Bytes) -> usize {
+        let rooms = self.rooms.read();
+        let Some(entry) = rooms.get(room) else {
+            return 0;
+        };
+        for m in &entry.members {
+            m.session.send(frame.clone());
+        }
+        entry.members.len()
     }
 
     /// Marks again what could not be recorded (the broker was down).
@@ -519,6 +553,15 @@ pub fn presence_map(entries: &[PresenceEntry]) -> serde_json::Map<String, serde_
 }
 
 impl Deliver for Hub {
+    fn presence_stale(&self, rooms: Vec<RoomName>) {
+        let here = self.rooms.read();
+        let mut stale = self.stale_presence.lock();
+        stale.extend(rooms.into_iter().filter(|r| here.contains_key(r)));
+        if !stale.is_empty() {
+            self.stale_wake.notify_one();
+        }
+    }
+
     fn lost(&self, room: &RoomName, since: MessageId) {
         let rooms = self.rooms.read();
         if let Some(room_entry) = rooms.get(room) {
@@ -754,6 +797,42 @@ impl Gateway {
         let ok = failed.is_empty();
         self.hub.retry_occupancy(failed);
         ok
+    }
+
+    /// Sends the current presence (`presence_state`) again to the members of rooms whose
+    /// presence diffs were lost with the broker's subscription, so that no client keeps a
+    /// stale view.
+    pub async fn run_presence_resync(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let rooms = tokio::select! {
+                rooms = self.hub.stale_presence() => rooms,
+                _ = stop.cancelled() => return,
+            };
+            let mut failed = Vec::new();
+            for room in rooms {
+                match self.registry.presence(&room).await {
+                    Ok(entries) => {
+                        let state = serde_json::Value::Object(presence_map(&entries));
+                        let frame = Utf8Bytes::from(
+                            ServerFrame::new("presence_state", Some(&room), &state).to_json(),
+                        );
+                        let members = self.hub.send_to_members(&room, &frame);
+                        metric::presence_resent(members as u64);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, room = %room, "presence not sent again; retrying");
+                        failed.push(room);
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                self.hub.retry_presence(failed);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
     }
 
     /// After the drain: the last occupancy changes (every room left), bounded by `limit`.

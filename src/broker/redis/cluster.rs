@@ -959,6 +959,10 @@ async fn resubscribe_all(
     for room in &rooms {
         catch_up(shared, conn, room, None).await?;
     }
+    // Messages were caught up from the streams; presence diffs have no stream.
+    if !rooms.is_empty() {
+        shared.sink.presence_stale(rooms);
+    }
     Ok(())
 }
 

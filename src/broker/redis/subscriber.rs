@@ -91,6 +91,20 @@ pub(super) async fn supervise(
     }
 }
 
+/// Test-only fault injection (see [`supervise::injected`]): the connection is lost with the
+/// first presence diff of the room `public:fault-cut` unread.
+fn cut_by_fault(msg: &redis::Msg) -> bool {
+    cfg!(debug_assertions)
+        && msg
+            .get_channel_name()
+            .strip_prefix(names::ROOM_PREFIX)
+            .is_some_and(|room| {
+                msg.get_payload_bytes()
+                    .starts_with(br#"{"type":"presence_diff""#)
+                    && supervise::injected("cut", room)
+            })
+}
+
 /// While no master is reachable, keep the wanted set current and refuse new subscriptions.
 pub(super) fn refuse_while_down(cmd: Command, subs: &mut Subscriptions) {
     match cmd {
@@ -143,13 +157,17 @@ pub(super) async fn serve(
         }
     }
     let wanted: Vec<RoomName> = subs.rooms.keys().cloned().collect();
-    for room in wanted {
-        if catch_up(shared, &mut master, &room, subs, None)
+    for room in &wanted {
+        if catch_up(shared, &mut master, room, subs, None)
             .await
             .is_err()
         {
             return None;
         }
+    }
+    // Messages were caught up from the streams; presence diffs have no stream.
+    if !wanted.is_empty() {
+        shared.sink.presence_stale(wanted);
     }
     // Ready once a probe went through the master and came back on this subscription.
     let mut probe = Probe::default();
@@ -174,6 +192,9 @@ pub(super) async fn serve(
                     }
                 }
                 Some(msg) => {
+                    if cut_by_fault(&msg) {
+                        return None;
+                    }
                     if let Some(event) = on_message(shared, &msg, subs) {
                         let room = event.msg.room.clone();
                         if catch_up(shared, &mut master, &room, subs, Some(event.id)).await.is_err() {
