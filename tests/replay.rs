@@ -327,6 +327,67 @@ async fn a_first_delivery_dropped_is_recovered_from_the_message_before_it() {
     assert_eq!(ids, [lost.as_str()], "exactly the dropped message");
 }
 
+/// A presence diff dropped by a slow member's overflow policy. Before: it was gone for good,
+/// and the client kept a stale view of who is there (no notice, nothing to recover from).
+/// Now the client gets the room's current presence once it reads again.
+#[tokio::test]
+async fn a_dropped_presence_diff_is_made_good_with_the_current_presence() {
+    const N: usize = 400;
+    let server = Server::start(
+        "[ws]\nsend_queue_max = 8\noverflow_policy = \"drop_new\"\n\
+         rate_limit_per_sec = 100000\nrate_limit_burst = 100000\n",
+    )
+    .await;
+    let (flood, room) = ("public:flood-p", "public:who");
+    let mut slow = Client::connect_small_rcvbuf(&server.ws_url(&token("slow", false, 3600))).await;
+    slow.read_welcome().await;
+    slow.join(flood).await;
+    slow.join(room).await;
+    let mut publisher = server.user("p").await;
+    let filler = "x".repeat(32 * 1024 - 200);
+    for i in 0..N {
+        publisher
+            .publish(flood, json!({"n": i, "pad": filler}))
+            .await;
+    }
+    let dropped = server
+        .metric_sum("rtgate_dropped_frames_total", "policy=\"drop_new\"")
+        .await;
+    assert!(
+        dropped > 0.0,
+        "the flood dropped nothing: the test proves nothing"
+    );
+    let mut tia = server.user("tia").await;
+    tia.join(room).await;
+    tia.request_ok(json!({"type": "track", "room": room, "data": {"here": 1}}))
+        .await;
+    assert!(
+        server
+            .metric_sum("rtgate_dropped_frames_total", "policy=\"drop_new\"")
+            .await
+            > dropped,
+        "tia's presence diff was not dropped: the test proves nothing"
+    );
+
+    let mut state = None;
+    for _ in 0..N * 4 {
+        let Some(v) = slow.recv_json(Duration::from_millis(1500)).await else {
+            break;
+        };
+        assert!(
+            !(v["type"] == "presence_diff" && v["room"] == room),
+            "the diff was dropped, yet delivered: {v}"
+        );
+        if v["type"] == "presence_state" && v["room"] == room && v["data"]["tia"].is_array() {
+            state = Some(v);
+            break;
+        }
+    }
+    let state = state.expect("the current presence, with tia");
+    assert_eq!(state["data"]["tia"][0]["here"], 1, "{state}");
+    assert!(server.metric_sum("rtgate_presence_resent_total", "").await >= 1.0);
+}
+
 /// Publishes until an ack comes back (the broker may still be reconnecting); returns the id.
 async fn publish_when_ready(c: &mut Client, room: &str, data: Value) -> String {
     let deadline = Instant::now() + Duration::from_secs(15);

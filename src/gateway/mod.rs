@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::protocol::{ServerFrame, close, format_ts};
 use crate::telemetry::{metric, trace};
 use crate::webhooks::Webhooks;
-use queue::{EventMark, Pushed, SendQueue};
+use queue::{EventMark, Mark, Pushed, SendQueue};
 
 /// One WebSocket connection, as the rest of the instance sees it.
 pub struct Session {
@@ -57,12 +57,13 @@ impl Session {
         self.push(frame, None);
     }
 
-    /// Queues a room message; if the overflow policy drops it, the room's loss is announced.
-    pub fn send_event(&self, frame: Utf8Bytes, mark: &Arc<EventMark>) {
+    /// Queues a room message (`Mark::Message`) or presence diff (`Mark::Presence`); if the
+    /// overflow policy drops it, the loss is announced or made good.
+    pub fn send_marked(&self, frame: Utf8Bytes, mark: &Mark) {
         self.push(frame, Some(mark));
     }
 
-    fn push(&self, frame: Utf8Bytes, mark: Option<&Arc<EventMark>>) {
+    fn push(&self, frame: Utf8Bytes, mark: Option<&Mark>) {
         match self.queue.push(frame, mark) {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::Dropped => metric::dropped(self.queue.policy()),
@@ -152,11 +153,15 @@ pub struct Hub {
     /// them (bounded by the rooms and users there are).
     dirty: Mutex<HashSet<Occupant>>,
     dirty_wake: tokio::sync::Notify,
-    /// Rooms whose members missed presence diffs (the broker's subscription was lost): they
-    /// get the current presence again.
-    stale_presence: Mutex<HashSet<RoomName>>,
+    /// Rooms whose members missed presence diffs: all of them (`None`: the broker's
+    /// subscription was lost) or the listed ones (their queues dropped a diff). They get the
+    /// current presence again.
+    stale_presence: Mutex<HashMap<RoomName, Option<Vec<Arc<Session>>>>>,
     stale_wake: tokio::sync::Notify,
 }
+
+/// Who of a room's members need its presence again: `None` for all.
+pub type StaleMembers = Option<Vec<Arc<Session>>>;
 
 /// How many connections an instance and one user on it may hold.
 #[derive(Debug, Clone, Copy)]
@@ -230,8 +235,9 @@ impl Hub {
         }
     }
 
-    /// Waits until some room's presence went stale here, then returns those rooms.
-    pub async fn stale_presence(&self) -> Vec<RoomName> {
+    /// Waits until some room's presence went stale here, then returns those rooms and who
+    /// needs it.
+    pub async fn stale_presence(&self) -> Vec<(RoomName, StaleMembers)> {
         loop {
             let stale = std::mem::take(&mut *self.stale_presence.lock());
             if !stale.is_empty() {
@@ -241,21 +247,55 @@ impl Hub {
         }
     }
 
-    /// Marks rooms whose presence could not be sent again (the broker was down).
-    pub fn retry_presence(&self, rooms: Vec<RoomName>) {
-        self.stale_presence.lock().extend(rooms);
+    /// Marks rooms whose presence must be sent again: to every member (`None`), or to these.
+    pub fn mark_presence_stale(&self, stale: impl IntoIterator<Item = (RoomName, StaleMembers)>) {
+        let mut pending = self.stale_presence.lock();
+        for (room, who) in stale {
+            let entry = pending.entry(room).or_insert_with(|| Some(Vec::new()));
+            match (entry.as_mut(), who) {
+                (None, _) => {}
+                (Some(_), None) => *entry = None,
+                (Some(list), Some(more)) => {
+                    for s in more {
+                        if !list.iter().any(|l| l.id == s.id) {
+                            list.push(s);
+                        }
+                    }
+                }
+            }
+        }
+        if !pending.is_empty() {
+            self.stale_wake.notify_one();
+        }
     }
 
-    /// Sends `frame` to every local member of `room`.
-    fn send_to_members(&self, room: &RoomName, frame: &Utf8Bytes) -> usize {
+    /// A connection's queue dropped presence diffs of `rooms`.
+    pub fn presence_lost(&self, session: &Arc<Session>, rooms: Vec<RoomName>) {
+        self.mark_presence_stale(
+            rooms
+                .into_iter()
+                .map(|room| (room, Some(vec![session.clone()]))),
+        );
+    }
+
+    /// Sends `frame` (a room's presence) to its local members, all or those of `who` still
+    /// there, as replies: never dropped, and asked for again only once a client read.
+    fn send_presence(&self, room: &RoomName, who: &StaleMembers, frame: &Utf8Bytes) -> usize {
         let rooms = self.rooms.read();
         let Some(entry) = rooms.get(room) else {
             return 0;
         };
+        let mut sent = 0;
         for m in &entry.members {
-            m.session.send(frame.clone());
+            if who
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|s| s.id == m.session.id))
+            {
+                m.session.queue.push_reply(frame.clone());
+                sent += 1;
+            }
         }
-        entry.members.len()
+        sent
     }
 
     /// Marks again what could not be recorded (the broker was down).
@@ -554,12 +594,14 @@ pub fn presence_map(entries: &[PresenceEntry]) -> serde_json::Map<String, serde_
 
 impl Deliver for Hub {
     fn presence_stale(&self, rooms: Vec<RoomName>) {
-        let here = self.rooms.read();
-        let mut stale = self.stale_presence.lock();
-        stale.extend(rooms.into_iter().filter(|r| here.contains_key(r)));
-        if !stale.is_empty() {
-            self.stale_wake.notify_one();
-        }
+        let here: Vec<RoomName> = {
+            let local = self.rooms.read();
+            rooms
+                .into_iter()
+                .filter(|r| local.contains_key(r))
+                .collect()
+        };
+        self.mark_presence_stale(here.into_iter().map(|room| (room, None)));
     }
 
     fn lost(&self, room: &RoomName, since: MessageId) {
@@ -610,10 +652,10 @@ impl Deliver for Hub {
             *last = prev.max(event.id);
             prev
         };
-        let mark = Arc::new(EventMark {
+        let mark = Mark::Message(Arc::new(EventMark {
             room: event.msg.room.clone(),
             prev,
-        });
+        }));
         metric::delivery_latency(event.msg.ts_ms);
         let mut delivered = 0u64;
         for member in &room.members {
@@ -624,7 +666,7 @@ impl Deliver for Hub {
                 buffer.lock().hold(event.clone());
                 continue;
             }
-            member.session.send_event(frame.clone(), &mark);
+            member.session.send_marked(frame.clone(), &mark);
             delivered += 1;
         }
         metric::delivered(event.msg.kind.as_str(), delivered);
@@ -668,10 +710,11 @@ impl Deliver for Hub {
         });
         let frame =
             Utf8Bytes::from(ServerFrame::new("presence_diff", Some(&diff.room), &data).to_json());
+        let mark = Mark::Presence(diff.room.clone());
         let rooms = self.rooms.read();
         if let Some(room) = rooms.get(&diff.room) {
             for m in &room.members {
-                m.session.send(frame.clone());
+                m.session.send_marked(frame.clone(), &mark);
             }
         }
     }
@@ -800,8 +843,8 @@ impl Gateway {
     }
 
     /// Sends the current presence (`presence_state`) again to the members of rooms whose
-    /// presence diffs were lost with the broker's subscription, so that no client keeps a
-    /// stale view.
+    /// presence diffs were lost (with the broker's subscription, or dropped by a member's
+    /// overflow policy), so that no client keeps a stale view.
     pub async fn run_presence_resync(self: Arc<Self>, stop: CancellationToken) {
         loop {
             let rooms = tokio::select! {
@@ -809,24 +852,24 @@ impl Gateway {
                 _ = stop.cancelled() => return,
             };
             let mut failed = Vec::new();
-            for room in rooms {
+            for (room, who) in rooms {
                 match self.registry.presence(&room).await {
                     Ok(entries) => {
                         let state = serde_json::Value::Object(presence_map(&entries));
                         let frame = Utf8Bytes::from(
                             ServerFrame::new("presence_state", Some(&room), &state).to_json(),
                         );
-                        let members = self.hub.send_to_members(&room, &frame);
+                        let members = self.hub.send_presence(&room, &who, &frame);
                         metric::presence_resent(members as u64);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, room = %room, "presence not sent again; retrying");
-                        failed.push(room);
+                        failed.push((room, who));
                     }
                 }
             }
             if !failed.is_empty() {
-                self.hub.retry_presence(failed);
+                self.hub.mark_presence_stale(failed);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = stop.cancelled() => return,

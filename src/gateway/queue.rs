@@ -43,11 +43,20 @@ pub struct EventMark {
     pub prev: MessageId,
 }
 
+/// What a queued frame is, so that dropping it is made good.
+#[derive(Debug, Clone)]
+pub enum Mark {
+    /// A room message: its loss is announced (an overflow notice).
+    Message(Arc<EventMark>),
+    /// A presence diff of this room: its loss is made good with the room's current presence.
+    Presence(RoomName),
+}
+
 /// A queued frame; replies to the connection's own requests are never dropped.
 struct Queued {
     frame: Utf8Bytes,
     reply: bool,
-    mark: Option<Arc<EventMark>>,
+    mark: Option<Mark>,
 }
 
 #[derive(Default)]
@@ -62,6 +71,8 @@ struct Inner {
     /// Rooms that lost messages to the overflow policy, with the `since` that recovers them;
     /// announced when the writer next takes frames.
     lost: Vec<(RoomName, MessageId)>,
+    /// Rooms that lost presence diffs: the connection needs their presence again.
+    lost_presence: Vec<RoomName>,
 }
 
 /// What the writer takes in one go.
@@ -70,6 +81,9 @@ pub struct Batch {
     pub frames: Vec<Utf8Bytes>,
     pub ping: bool,
     pub close: Option<CloseFrame>,
+    /// Rooms whose presence diffs were dropped since the last batch: the writer asks for
+    /// their current presence.
+    pub presence_lost: Vec<RoomName>,
 }
 
 pub struct SendQueue {
@@ -93,11 +107,17 @@ impl Inner {
         self.frames.len() < max && self.bytes < max_bytes
     }
 
-    /// Remembers that a room lost a message; the first loss of a room sets its `since`.
-    fn record_loss(&mut self, mark: Option<&Arc<EventMark>>) {
-        let Some(mark) = mark else { return };
-        if !self.lost.iter().any(|(room, _)| *room == mark.room) {
-            self.lost.push((mark.room.clone(), mark.prev));
+    /// Remembers that a room lost a message (the first loss of a room sets its `since`) or a
+    /// presence diff.
+    fn record_loss(&mut self, mark: Option<&Mark>) {
+        match mark {
+            Some(Mark::Message(mark)) if !self.lost.iter().any(|(r, _)| *r == mark.room) => {
+                self.lost.push((mark.room.clone(), mark.prev));
+            }
+            Some(Mark::Presence(room)) if !self.lost_presence.contains(room) => {
+                self.lost_presence.push(room.clone());
+            }
+            _ => {}
         }
     }
 }
@@ -128,7 +148,7 @@ impl SendQueue {
 
     /// Queues a frame, applying the overflow policy. `mark` tells which room message it is,
     /// so that losing it is announced.
-    pub fn push(&self, frame: Utf8Bytes, mark: Option<&Arc<EventMark>>) -> Pushed {
+    pub fn push(&self, frame: Utf8Bytes, mark: Option<&Mark>) -> Pushed {
         let mut q = self.inner.lock();
         if q.close.is_some() {
             return Pushed::Closed;
@@ -190,10 +210,10 @@ impl SendQueue {
         if q.close.is_some() {
             return;
         }
-        let mark = Arc::new(EventMark {
+        let mark = Mark::Message(Arc::new(EventMark {
             room: room.clone(),
             prev: since,
-        });
+        }));
         q.record_loss(Some(&mark));
         drop(q);
         self.wake.notify_one();
@@ -283,7 +303,12 @@ impl SendQueue {
                 if q.finished {
                     return None;
                 }
-                if !q.frames.is_empty() || q.ping || q.close.is_some() || !q.lost.is_empty() {
+                if !q.frames.is_empty()
+                    || q.ping
+                    || q.close.is_some()
+                    || !q.lost.is_empty()
+                    || !q.lost_presence.is_empty()
+                {
                     batch.frames.extend(q.frames.drain(..).map(|f| f.frame));
                     q.bytes = 0;
                     if q.close.is_none() {
@@ -293,6 +318,7 @@ impl SendQueue {
                             metric::overflow_notice();
                             batch.frames.push(overflow_notice(&room, since));
                         }
+                        batch.presence_lost.append(&mut q.lost_presence);
                     }
                     batch.ping = std::mem::take(&mut q.ping);
                     batch.close = q.close.clone();
@@ -393,10 +419,10 @@ mod tests {
     #[tokio::test]
     async fn a_drop_is_announced_once_per_room_after_the_kept_frames() {
         let mark = |room: &str, prev: u64| {
-            Arc::new(EventMark {
+            Mark::Message(Arc::new(EventMark {
                 room: room.into(),
                 prev: MessageId::new(prev, 0),
-            })
+            }))
         };
         let q = SendQueue::new(2, usize::MAX, OverflowPolicy::DropOldest);
         q.push(f("a1"), Some(&mark("a", 0)));
@@ -424,6 +450,21 @@ mod tests {
         let frames = drain(&q).await.frames;
         assert_eq!(frames[0], f("a1"));
         assert!(frames[1].contains(r#""since":"1-0""#), "{}", frames[1]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_presence_diff_asks_once_for_the_rooms_presence() {
+        let presence = |room: &str| Mark::Presence(room.into());
+        let q = SendQueue::new(1, usize::MAX, OverflowPolicy::DropOldest);
+        q.push(f("d1"), Some(&presence("a")));
+        q.push(f("d2"), Some(&presence("a")));
+        q.push(f("d3"), Some(&presence("a")));
+        let b = drain(&q).await;
+        assert_eq!(b.frames, vec![f("d3")]);
+        assert_eq!(b.presence_lost, [RoomName::from("a")]);
+        q.push(f("d4"), Some(&presence("a")));
+        let b = drain(&q).await;
+        assert!(b.presence_lost.is_empty(), "asked once per loss");
     }
 
     #[tokio::test]

@@ -83,7 +83,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
         .push_reply(ServerFrame::new("welcome", None, &welcome).to_json().into());
 
     let (sink, stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, session.clone()));
+    let writer = tokio::spawn(write_loop(sink, session.clone(), gw.hub.clone()));
     if let Some(subscribed) = user_subscribed
         && let Err(e) = subscribed.await
     {
@@ -109,9 +109,16 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
     }
 }
 
-async fn write_loop(mut sink: SplitSink<WebSocket, Message>, session: Arc<Session>) {
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    session: Arc<Session>,
+    hub: Arc<super::Hub>,
+) {
     let mut batch = super::queue::Batch::default();
     while session.queue.next_batch(&mut batch).await.is_some() {
+        if !batch.presence_lost.is_empty() {
+            hub.presence_lost(&session, std::mem::take(&mut batch.presence_lost));
+        }
         for frame in batch.frames.drain(..) {
             if sink.feed(Message::Text(frame)).await.is_err() {
                 return;
