@@ -623,9 +623,22 @@ async fn presence_lost_with_the_subscription_is_sent_again() {
         return;
     }
     let redis = RedisServer::start_standalone().await;
-    let cfg = redis.broker_toml("", "");
-    let a = Server::start_with_env(&cfg, &[("RTGATE_FAULT_INJECTION", "1")]).await;
-    let b = Server::start(&cfg).await;
+    presence_lost_case(&redis.broker_toml("", "")).await;
+}
+
+/// The same on a Redis Cluster (the diff lost as every sharded channel is subscribed again).
+#[tokio::test]
+async fn cluster_presence_lost_with_the_subscription_is_sent_again() {
+    if !require_redis() {
+        return;
+    }
+    let topo = ClusterTopology::start().await;
+    presence_lost_case(&cluster_toml(&topo)).await;
+}
+
+async fn presence_lost_case(cfg: &str) {
+    let a = Server::start_with_env(cfg, &[("RTGATE_FAULT_INJECTION", "1")]).await;
+    let b = Server::start(cfg).await;
     let room = "public:fault-cut";
     let mut kim = a.user("kim").await;
     kim.join(room).await;

@@ -1081,6 +1081,10 @@ async fn on_push(
             return Ok(());
         };
         if payload.starts_with(br#"{"type":"presence_diff""#) {
+            if cfg!(debug_assertions) && supervise::injected("cut", &room) {
+                // Test-only: the diff is lost and every channel subscribed again.
+                return Err(io_timeout("injected: a presence diff lost"));
+            }
             match wire::decode_presence_diff(&payload, &room) {
                 Ok(diff) => shared.sink.presence(Arc::new(diff)),
                 Err(e) => wire::skip_bad_payload("redis", "presence diff", &e),
