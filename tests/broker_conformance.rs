@@ -214,42 +214,53 @@ fn keyed(room: &RoomName, n: u64, sender: Option<&str>, key: &str) -> RoomMessag
 /// a time; a claim whose claimer went away without an outcome is taken over after its lease,
 /// as uncertain from where that claimer's record would be.
 async fn claims_are_leased_then_taken_over(a: &dyn IdempotencyStore, b: &dyn IdempotencyStore) {
+    // Long enough that a loaded machine does not end it between two calls.
+    const LEASE_MS: u64 = 1000;
     let terms = |from: u64, lease_ms: u64| ClaimTerms {
         from,
         lease: Duration::from_millis(lease_ms),
         window: Duration::from_secs(60),
     };
     let scope = format!("public:claims|s|k-{}", std::process::id());
-    assert_eq!(a.claim(&scope, terms(7, 300)).await.unwrap(), Claim::Fresh);
     assert_eq!(
-        b.claim(&scope, terms(9, 300)).await.unwrap(),
+        a.claim(&scope, terms(7, LEASE_MS)).await.unwrap(),
+        Claim::Fresh
+    );
+    assert_eq!(
+        b.claim(&scope, terms(9, LEASE_MS)).await.unwrap(),
         Claim::InFlight
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(LEASE_MS + 300)).await;
     assert_eq!(
-        b.claim(&scope, terms(9, 300)).await.unwrap(),
+        b.claim(&scope, terms(9, LEASE_MS)).await.unwrap(),
         Claim::Uncertain(7),
         "a lease that ran out is taken over from the first claimer's position"
     );
     assert_eq!(
-        a.claim(&scope, terms(7, 300)).await.unwrap(),
+        a.claim(&scope, terms(7, LEASE_MS)).await.unwrap(),
         Claim::InFlight
     );
     b.uncertain(&scope, 12, Duration::from_secs(60)).await;
     assert_eq!(
-        a.claim(&scope, terms(7, 300)).await.unwrap(),
+        a.claim(&scope, terms(7, LEASE_MS)).await.unwrap(),
         Claim::Uncertain(12)
     );
     let id = MessageId::new(0, 13);
     a.complete(&scope, id, Duration::from_secs(60)).await;
     assert_eq!(
-        b.claim(&scope, terms(9, 300)).await.unwrap(),
+        b.claim(&scope, terms(9, LEASE_MS)).await.unwrap(),
         Claim::Repeat(id)
     );
     let other = format!("{scope}-other");
-    assert_eq!(a.claim(&other, terms(1, 300)).await.unwrap(), Claim::Fresh);
+    assert_eq!(
+        a.claim(&other, terms(1, LEASE_MS)).await.unwrap(),
+        Claim::Fresh
+    );
     a.abandon(&other).await;
-    assert_eq!(b.claim(&other, terms(1, 300)).await.unwrap(), Claim::Fresh);
+    assert_eq!(
+        b.claim(&other, terms(1, LEASE_MS)).await.unwrap(),
+        Claim::Fresh
+    );
 }
 
 /// [`claims_are_leased_then_taken_over`] on two stores of a shared backend, once connected.

@@ -239,7 +239,8 @@ mod tests {
     async fn a_claim_whose_lease_ran_out_is_taken_over_as_uncertain() {
         let store = LocalIdempotency::new(10);
         let short = ClaimTerms {
-            lease: Duration::from_millis(20),
+            // Long enough that a loaded machine does not end it between two calls.
+            lease: Duration::from_millis(500),
             ..terms(7)
         };
         assert_eq!(store.claim("r|s|k", short).await.unwrap(), Claim::Fresh);
@@ -247,7 +248,7 @@ mod tests {
             store.claim("r|s|k", terms(9)).await.unwrap(),
             Claim::InFlight
         );
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
         // From where the first claimer's record would be, not the taker's own position.
         assert_eq!(
             store.claim("r|s|k", short).await.unwrap(),
@@ -257,7 +258,7 @@ mod tests {
             store.claim("r|s|k", terms(9)).await.unwrap(),
             Claim::InFlight
         );
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(
             store.claim("r|s|k", terms(9)).await.unwrap(),
             Claim::Uncertain(7)
@@ -302,7 +303,7 @@ mod tests {
         let store = LocalIdempotency::new(3);
         store.record("a", MessageId::new(1, 0), Duration::from_millis(20));
         assert_eq!(store.lookup("a"), Some(MessageId::new(1, 0)));
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(store.lookup("a"), None);
         for (i, k) in ["b", "c", "d", "e"].iter().enumerate() {
             store.record(k, MessageId::new(i as u64, 0), Duration::from_secs(60));
