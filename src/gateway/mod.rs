@@ -156,7 +156,7 @@ pub struct Hub {
     /// Rooms whose members missed presence diffs: all of them (`None`: the broker's
     /// subscription was lost) or the listed ones (their queues dropped a diff). They get the
     /// current presence again.
-    stale_presence: Mutex<HashMap<RoomName, Option<Vec<Arc<Session>>>>>,
+    stale_presence: Mutex<HashMap<RoomName, StaleMembers>>,
     stale_wake: tokio::sync::Notify,
 }
 
@@ -990,7 +990,6 @@ impl Gateway {
         }
     }
 
-    /// Periodic work: liveness sweep and heartbeat.
     /// Records this instance as alive. What it removed of dead instances goes to the
     /// webhooks: their presence entries as `presence_leave`, then the rooms left empty.
     pub async fn heartbeat(&self) -> Result<(), BrokerError> {
@@ -1005,6 +1004,7 @@ impl Gateway {
         Ok(())
     }
 
+    /// Periodic work: liveness sweep and heartbeat.
     pub async fn run_maintenance(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut last_heartbeat: Option<Instant> = None;
