@@ -470,6 +470,12 @@ pub struct RedisConfig {
     /// A room's stream expires this long after its last message.
     #[serde(with = "humantime_serde")]
     pub stream_ttl: Duration,
+    /// Direct messages kept per user (about), so that an instance that reconnects delivers
+    /// what was sent meanwhile.
+    pub direct_maxlen: u64,
+    /// A user's direct messages expire this long after the last one.
+    #[serde(with = "humantime_serde")]
+    pub direct_ttl: Duration,
     /// Replicas that must confirm a publish before it is acked (`WAIT`). Unset: 1 when
     /// Sentinel knows replicas, else 0.
     pub min_replicas_ack: Option<u32>,
@@ -496,6 +502,8 @@ impl Default for RedisConfig {
             read_from_replicas: false,
             stream_maxlen: 10_000,
             stream_ttl: Duration::from_secs(24 * 3600),
+            direct_maxlen: 100,
+            direct_ttl: Duration::from_secs(120),
             min_replicas_ack: None,
             wait_timeout: Duration::from_millis(500),
             command_timeout: Duration::from_secs(1),
@@ -737,6 +745,12 @@ impl Config {
             }
             if self.redis.stream_maxlen == 0 {
                 return Err(bad("redis.stream_maxlen", "must be at least 1"));
+            }
+            if self.redis.direct_maxlen == 0 {
+                return Err(bad("redis.direct_maxlen", "must be at least 1"));
+            }
+            if self.redis.direct_ttl < Duration::from_secs(1) {
+                return Err(bad("redis.direct_ttl", "must be at least 1s"));
             }
         }
         if self.redis.tls && !self.redis.url.is_empty() {

@@ -674,6 +674,53 @@ async fn presence_lost_case(cfg: &str) {
     assert!(diff["data"]["leaves"]["lee"].is_array(), "{diff}");
 }
 
+/// A's subscription is lost with a direct message unread (injected: the connection drops as
+/// the message reaches it). Before: direct messages travelled on Pub/Sub only and this one
+/// was gone. Now each is kept a short while in the user's stream and A delivers it after
+/// reconnecting, once; a second one comes live as usual.
+#[tokio::test]
+async fn a_direct_message_lost_with_the_subscription_is_delivered_after_it() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start_standalone().await;
+    direct_lost_case(&redis.broker_toml("", "")).await;
+}
+
+/// The same on a Redis Cluster (lost as every sharded channel is subscribed again).
+#[tokio::test]
+async fn cluster_a_direct_message_lost_with_the_subscription_is_delivered_after_it() {
+    if !require_redis() {
+        return;
+    }
+    let topo = ClusterTopology::start().await;
+    direct_lost_case(&cluster_toml(&topo)).await;
+}
+
+async fn direct_lost_case(cfg: &str) {
+    let a = Server::start_with_env(cfg, &[("RTGATE_FAULT_INJECTION", "1")]).await;
+    let b = Server::start(cfg).await;
+    // The user the fault is injected for.
+    let user = "public:fault-cut-direct";
+    let mut ona = a.user(user).await;
+    let mut sender = b.user("sam").await;
+    for n in [1, 2] {
+        sender
+            .request_ok(json!({"type": "direct", "data": {"to": user, "n": n}}))
+            .await;
+        let got = ona
+            .recv_until(|v| v["type"] == "direct", Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("direct {n} never arrived\n{}", a.logs()));
+        assert_eq!(got["data"]["n"], n, "{got}");
+    }
+    let extra = ona.collect_for(Duration::from_millis(500)).await;
+    assert!(
+        !extra.iter().any(|v| v["type"] == "direct"),
+        "each arrived once: {extra:?}"
+    );
+}
+
 /// Two instances over `cfg`: a room message from A reaches B, a direct message from B reaches
 /// A, and a `since` join on B replays what followed.
 async fn rooms_direct_and_replay_across(cfg: &str, room: &str) {

@@ -155,6 +155,9 @@ pub fn encode_message(msg: &RoomMessage, with_traceparent: bool) -> String {
 
 #[derive(Serialize, Deserialize)]
 pub struct WireDirect<'a> {
+    /// The id in the user's direct stream (Redis puts it on the live copy).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Cow<'a, str>>,
     #[serde(rename = "type", default)]
     pub kind: Cow<'a, str>,
     #[serde(borrow)]
@@ -172,6 +175,7 @@ pub struct WireDirect<'a> {
 
 pub fn encode_direct(msg: &DirectMessage) -> String {
     serde_json::to_string(&WireDirect {
+        id: None,
         kind: Cow::Borrowed(match msg.kind {
             DirectKind::Message => "direct",
             DirectKind::Control => "control",
@@ -242,7 +246,18 @@ pub fn decode_live_message(
 
 /// A direct message from its payload.
 pub fn decode_direct(payload: &[u8]) -> Result<DirectMessage, DecodeError> {
+    decode_live_direct(payload).map(|(msg, _)| msg)
+}
+
+/// [`decode_direct`], also returning the stream id a live copy carries, if any.
+pub fn decode_live_direct(
+    payload: &[u8],
+) -> Result<(DirectMessage, Option<MessageId>), DecodeError> {
     let w: WireDirect = serde_json::from_slice(payload)?;
+    let id = match w.id.as_deref() {
+        None => None,
+        Some(id) => Some(id.parse().map_err(|_| bad("id", "is not a message id"))?),
+    };
     let kind = match &*w.kind {
         "" | "direct" => DirectKind::Message,
         "control" => {
@@ -258,14 +273,17 @@ pub fn decode_direct(payload: &[u8]) -> Result<DirectMessage, DecodeError> {
     check_object("data", w.data)?;
     check_ts(w.ts_ms)?;
     check_traceparent(w.traceparent.as_deref())?;
-    Ok(DirectMessage {
-        kind,
-        to: Arc::from(&*w.to),
-        data: w.data.to_owned(),
-        sender_id: Arc::from(&*w.sender_id),
-        ts_ms: w.ts_ms,
-        traceparent: w.traceparent.map(Cow::into_owned),
-    })
+    Ok((
+        DirectMessage {
+            kind,
+            to: Arc::from(&*w.to),
+            data: w.data.to_owned(),
+            sender_id: Arc::from(&*w.sender_id),
+            ts_ms: w.ts_ms,
+            traceparent: w.traceparent.map(Cow::into_owned),
+        },
+        id,
+    ))
 }
 
 /// One connection's presence as stored (Redis hash) and carried in diffs.

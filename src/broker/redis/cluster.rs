@@ -51,6 +51,8 @@ static UNTRACK: LazyLock<String> =
     LazyLock::new(|| UNTRACK_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"));
 static LIVE_INSTANCES: LazyLock<String> =
     LazyLock::new(|| INSTANCES_SCRIPT.replace("'rt:instances:'", "'rt:{instances}:'"));
+static DIRECT: LazyLock<String> =
+    LazyLock::new(|| DIRECT_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"));
 static PROBE: LazyLock<String> =
     LazyLock::new(|| PROBE_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"));
 
@@ -88,7 +90,8 @@ struct ClusterShared {
     min_acks: u32,
     /// Subscribed rooms, with the last id delivered here.
     rooms: Mutex<HashMap<RoomName, MessageId>>,
-    users: Mutex<HashSet<Arc<str>>>,
+    /// Users wanted, with the last direct message id delivered here.
+    users: Mutex<HashMap<Arc<str>, MessageId>>,
     idempotency_window: Duration,
     probe_interval: Duration,
     probe_timeout: Duration,
@@ -391,10 +394,17 @@ impl Broker for ClusterBroker {
 
     async fn send_direct(&self, msg: DirectMessage) -> Result<(), BrokerError> {
         let mut conn = self.conn()?;
-        redis::cmd("SPUBLISH")
-            .arg(names::user_channel(&tag(&msg.to)))
+        let tagged = tag(&msg.to);
+        // Kept a short while, so that an instance that was away delivers it on resubscribing.
+        redis::cmd("EVAL")
+            .arg(DIRECT.as_str())
+            .arg(2)
+            .arg(names::direct_stream(&tagged))
+            .arg(names::user_channel(&tagged))
+            .arg(self.shared.cfg.direct_maxlen)
+            .arg(self.shared.cfg.direct_ttl.as_millis() as u64)
             .arg(wire::encode_direct(&msg))
-            .query_async::<i64>(&mut conn)
+            .query_async::<String>(&mut conn)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -952,12 +962,15 @@ async fn resubscribe_all(
     for room in &rooms {
         conn.ssubscribe(names::room_channel(&tag(room))).await?;
     }
-    let users: Vec<Arc<str>> = shared.users.lock().iter().cloned().collect();
+    let users: Vec<Arc<str>> = shared.users.lock().keys().cloned().collect();
     for user in &users {
         conn.ssubscribe(names::user_channel(&tag(user))).await?;
     }
     for room in &rooms {
         catch_up(shared, conn, room, None).await?;
+    }
+    for user in &users {
+        catch_up_directs(shared, conn, user).await?;
     }
     // Messages were caught up from the streams; presence diffs have no stream.
     if !rooms.is_empty() {
@@ -1012,8 +1025,24 @@ async fn apply(
             conn.sunsubscribe(names::room_channel(&tag(&room))).await
         }
         Request::User(user, done) => {
-            shared.users.lock().insert(user.clone());
-            let result = conn.ssubscribe(names::user_channel(&tag(&user))).await;
+            let known = shared.users.lock().contains_key(&user);
+            let result = if known {
+                Ok(())
+            } else {
+                // As for a room: the newest id, subscribe, then what came in between.
+                let tagged = tag(&user);
+                let result = async {
+                    let newest = newest_stream_id(conn, &names::direct_stream(&tagged)).await?;
+                    shared.users.lock().insert(user.clone(), newest);
+                    conn.ssubscribe(names::user_channel(&tagged)).await?;
+                    catch_up_directs(shared, conn, &user).await
+                }
+                .await;
+                if result.is_err() {
+                    shared.users.lock().remove(&user);
+                }
+                result
+            };
             if let Some(done) = done {
                 let _ = done.send(result.as_ref().map(|_| ()).map_err(unavailable));
             }
@@ -1047,7 +1076,7 @@ fn still_wanted(shared: &ClusterShared, data: &[Value], probes: &Probes) -> bool
         return shared.rooms.lock().contains_key(room);
     }
     if let Some(user) = untag(&channel, names::USER_PREFIX) {
-        return shared.users.lock().contains(user);
+        return shared.users.lock().contains_key(user);
     }
     probes.channels().contains(&channel)
 }
@@ -1100,10 +1129,52 @@ async fn on_push(
             Ok((event, _)) => deliver(shared, event),
             Err(e) => wire::skip_bad_payload("redis", "room message", &e),
         }
-    } else if untag(&channel, names::USER_PREFIX).is_some() {
-        match wire::decode_direct(&payload) {
-            Ok(msg) => shared.sink.direct(Arc::new(msg)),
+    } else if let Some(user) = untag(&channel, names::USER_PREFIX) {
+        if cfg!(debug_assertions) && supervise::injected("cut-direct", user) {
+            // Test-only: the direct message is lost and every channel subscribed again.
+            return Err(io_timeout("injected: a direct message lost"));
+        }
+        match wire::decode_live_direct(&payload) {
+            Ok((msg, id)) => {
+                let new = {
+                    let mut users = shared.users.lock();
+                    should_deliver_direct(&mut users, user, id, &msg, DirectFrom::Live)
+                };
+                if new {
+                    shared.sink.direct(Arc::new(msg));
+                }
+            }
             Err(e) => wire::skip_bad_payload("redis", "direct message", &e),
+        }
+    }
+    Ok(())
+}
+
+/// Delivers the direct messages `user`'s stream kept after the last one delivered here (see
+/// the single-node subscriber).
+async fn catch_up_directs(
+    shared: &ClusterShared,
+    conn: &mut ClusterConnection,
+    user: &Arc<str>,
+) -> RedisResult<()> {
+    let Some(last) = shared.users.lock().get(user).copied() else {
+        return Ok(());
+    };
+    let entries: Vec<Value> = redis::cmd("XRANGE")
+        .arg(names::direct_stream(&tag(user)))
+        .arg(format!("({last}"))
+        .arg("+")
+        .arg("COUNT")
+        .arg(shared.cfg.direct_maxlen.saturating_mul(2))
+        .query_async(conn)
+        .await?;
+    for (id, msg) in parse_directs(&entries) {
+        let new = {
+            let mut users = shared.users.lock();
+            should_deliver_direct(&mut users, user, Some(id), &msg, DirectFrom::Stream)
+        };
+        if new {
+            shared.sink.direct(Arc::new(msg));
         }
     }
     Ok(())

@@ -55,8 +55,9 @@ pub(super) async fn read_history<C: redis::aio::ConnectionLike>(
     })
 }
 
-/// Parses XRANGE/XREVRANGE replies: `[[id, [field, value, ...]], ...]`.
-pub(super) fn parse_entries(room: &RoomName, entries: &[Value]) -> Vec<RoomEvent> {
+/// Each XRANGE/XREVRANGE entry's id and payload (`[[id, [field, value, ...]], ...]`, the
+/// payload in field `m`); a malformed entry is skipped and counted.
+fn stream_payloads(entries: &[Value]) -> Vec<(MessageId, String)> {
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         let Value::Array(parts) = entry else { continue };
@@ -75,16 +76,42 @@ pub(super) fn parse_entries(room: &RoomName, entries: &[Value]) -> Vec<RoomEvent
                 .then(|| redis::from_redis_value_ref::<String>(kv.get(1)?).ok())
                 .flatten()
         });
-        match payload
-            .as_deref()
-            .map(|p| wire::decode_message(p.as_bytes(), Some(room), Some(id)))
-        {
-            Some(Ok(event)) => out.push(event),
-            Some(Err(e)) => wire::skip_bad_payload("redis", "stream entry", &e),
+        match payload {
+            Some(p) => out.push((id, p)),
             None => wire::skip_bad_payload("redis", "stream entry", &"no payload field"),
         }
     }
     out
+}
+
+/// A room stream's entries as events.
+pub(super) fn parse_entries(room: &RoomName, entries: &[Value]) -> Vec<RoomEvent> {
+    stream_payloads(entries)
+        .into_iter()
+        .filter_map(
+            |(id, p)| match wire::decode_message(p.as_bytes(), Some(room), Some(id)) {
+                Ok(event) => Some(event),
+                Err(e) => {
+                    wire::skip_bad_payload("redis", "stream entry", &e);
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
+/// A user's direct stream entries, with their ids.
+pub(super) fn parse_directs(entries: &[Value]) -> Vec<(MessageId, DirectMessage)> {
+    stream_payloads(entries)
+        .into_iter()
+        .filter_map(|(id, p)| match wire::decode_direct(p.as_bytes()) {
+            Ok(msg) => Some((id, msg)),
+            Err(e) => {
+                wire::skip_bad_payload("redis", "direct stream entry", &e);
+                None
+            }
+        })
+        .collect()
 }
 
 /// With replicas to wait for, confirms that what was just read from `master` is on

@@ -335,10 +335,16 @@ impl Broker for RedisBroker {
     async fn send_direct(&self, msg: DirectMessage) -> Result<(), BrokerError> {
         let mut conn = self.master()?;
         let payload = wire::encode_direct(&msg);
-        redis::cmd("PUBLISH")
+        // Kept a short while, so that an instance that was away delivers it on reconnecting.
+        redis::cmd("EVAL")
+            .arg(DIRECT_SCRIPT)
+            .arg(2)
+            .arg(names::direct_stream(&msg.to))
             .arg(names::user_channel(&msg.to))
+            .arg(self.shared.cfg.direct_maxlen)
+            .arg(self.shared.cfg.direct_ttl.as_millis() as u64)
             .arg(payload)
-            .query_async::<i64>(&mut conn)
+            .query_async::<String>(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
         Ok(())

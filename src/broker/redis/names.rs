@@ -9,6 +9,10 @@ pub fn stream(room: &str) -> String {
 pub fn user_channel(user: &str) -> String {
     format!("rt:user:{user}")
 }
+/// A user's recent direct messages (a short stream), read by an instance that reconnects.
+pub fn direct_stream(user: &str) -> String {
+    format!("rt:direct:{user}")
+}
 /// The newest id trimmed out of a room's stream.
 pub fn trimmed(room: &str) -> String {
     format!("rt:trimmed:{room}")

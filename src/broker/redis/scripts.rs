@@ -50,6 +50,15 @@ end
 return {id, live, 0}
 "#;
 
+/// A direct message: kept in the user's short stream, then published with its id in front.
+/// KEYS: the user's direct stream, the user's channel. ARGV: maxlen, TTL ms, payload.
+pub(super) const DIRECT_SCRIPT: &str = r#"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[3], 2))
+return id
+"#;
+
 /// The self-probe: a write and a publish, so that a node that can no longer take writes (a
 /// demoted master) fails it like one whose subscription went deaf.
 /// KEYS: probe key, probe channel. ARGV: sequence number, ttl ms.

@@ -8,10 +8,14 @@ use super::*;
 pub(super) struct Subscriptions {
     /// Rooms wanted, with the last id delivered here.
     pub(super) rooms: HashMap<RoomName, MessageId>,
-    pub(super) users: HashMap<Arc<str>, ()>,
+    /// Users wanted, with the last direct message id delivered here.
+    pub(super) users: HashMap<Arc<str>, MessageId>,
     /// Rooms taken over from a run that ended by a fault with nothing delivered yet: they
     /// start from the stream's newest id, not from its beginning.
     pub(super) start_at_newest: Vec<RoomName>,
+    /// Users whose last direct id is not known (subscribed while Redis was down, or taken over
+    /// after a fault): they start from their direct stream's newest id.
+    pub(super) users_at_newest: Vec<Arc<str>>,
 }
 
 impl Subscriptions {
@@ -24,7 +28,10 @@ impl Subscriptions {
             }
             subs.rooms.insert(room, last);
         }
-        subs.users = wanted.users.into_iter().map(|u| (u, ())).collect();
+        for user in wanted.users {
+            subs.users.insert(user.clone(), MessageId::ZERO);
+            subs.users_at_newest.push(user);
+        }
         subs
     }
 }
@@ -92,17 +99,23 @@ pub(super) async fn supervise(
 }
 
 /// Test-only fault injection (see [`supervise::injected`]): the connection is lost with the
-/// first presence diff of the room `public:fault-cut` unread.
+/// first presence diff of the room `public:fault-cut`, or the first direct message to the
+/// user `public:fault-cut-direct`, unread.
 fn cut_by_fault(msg: &redis::Msg) -> bool {
-    cfg!(debug_assertions)
-        && msg
-            .get_channel_name()
-            .strip_prefix(names::ROOM_PREFIX)
-            .is_some_and(|room| {
-                msg.get_payload_bytes()
-                    .starts_with(br#"{"type":"presence_diff""#)
-                    && supervise::injected("cut", room)
-            })
+    if !cfg!(debug_assertions) {
+        return false;
+    }
+    let channel = msg.get_channel_name();
+    if let Some(user) = channel.strip_prefix(names::USER_PREFIX) {
+        return supervise::injected("cut-direct", user);
+    }
+    channel
+        .strip_prefix(names::ROOM_PREFIX)
+        .is_some_and(|room| {
+            msg.get_payload_bytes()
+                .starts_with(br#"{"type":"presence_diff""#)
+                && supervise::injected("cut", room)
+        })
 }
 
 /// While no master is reachable, keep the wanted set current and refuse new subscriptions.
@@ -116,7 +129,10 @@ pub(super) fn refuse_while_down(cmd: Command, subs: &mut Subscriptions) {
             subs.rooms.remove(&room);
         }
         Command::SubscribeUser(user, done) => {
-            subs.users.insert(user, ());
+            if !subs.users.contains_key(&user) {
+                subs.users.insert(user.clone(), MessageId::ZERO);
+                subs.users_at_newest.push(user);
+            }
             let _ = done.send(Ok(()));
         }
         Command::UnsubscribeUser(user) => {
@@ -156,6 +172,15 @@ pub(super) async fn serve(
             *last = (*last).max(newest);
         }
     }
+    for user in std::mem::take(&mut subs.users_at_newest) {
+        let Ok(newest) = newest_stream_id(&mut master, &names::direct_stream(&user)).await else {
+            subs.users_at_newest.push(user);
+            return None;
+        };
+        if let Some(last) = subs.users.get_mut(&user) {
+            *last = (*last).max(newest);
+        }
+    }
     let wanted: Vec<RoomName> = subs.rooms.keys().cloned().collect();
     for room in &wanted {
         if catch_up(shared, &mut master, room, subs, None)
@@ -168,6 +193,15 @@ pub(super) async fn serve(
     // Messages were caught up from the streams; presence diffs have no stream.
     if !wanted.is_empty() {
         shared.sink.presence_stale(wanted);
+    }
+    let users: Vec<Arc<str>> = subs.users.keys().cloned().collect();
+    for user in &users {
+        if catch_up_directs(shared, &mut master, user, subs)
+            .await
+            .is_err()
+        {
+            return None;
+        }
     }
     // Ready once a probe went through the master and came back on this subscription.
     let mut probe = Probe::default();
@@ -357,8 +391,23 @@ pub(super) async fn apply(
             sink.unsubscribe(names::room_channel(&room)).await
         }
         Command::SubscribeUser(user, done) => {
-            let result = sink.subscribe(names::user_channel(&user)).await;
-            subs.users.insert(user, ());
+            if subs.users.contains_key(&user) {
+                let _ = done.send(Ok(()));
+                return Ok(());
+            }
+            // As for a room: the newest id, subscribe, then what came in between.
+            let newest = match newest_stream_id(master, &names::direct_stream(&user)).await {
+                Ok(id) => id,
+                Err(e) => {
+                    let _ = done.send(Err(unavailable(&e)));
+                    return Err(e);
+                }
+            };
+            subs.users.insert(user.clone(), newest);
+            let mut result = sink.subscribe(names::user_channel(&user)).await;
+            if result.is_ok() {
+                result = catch_up_directs(shared, master, &user, subs).await;
+            }
             let _ = done.send(result.as_ref().map(|_| ()).map_err(unavailable));
             result
         }
@@ -367,6 +416,90 @@ pub(super) async fn apply(
             sink.unsubscribe(names::user_channel(&user)).await
         }
     }
+}
+
+/// The newest id in the stream `key` (`0-0` when it has none).
+pub(super) async fn newest_stream_id<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    key: &str,
+) -> Result<MessageId, RedisError> {
+    let entries: Vec<Value> = redis::cmd("XREVRANGE")
+        .arg(key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(first_entry_id(&entries))
+}
+
+/// Delivers the direct messages `user`'s stream kept after the last one delivered here (sent
+/// while this instance was away). Server API commands are not replayed: each applied to the
+/// connections there were when it was sent.
+async fn catch_up_directs(
+    shared: &Shared,
+    master: &mut MultiplexedConnection,
+    user: &Arc<str>,
+    subs: &mut Subscriptions,
+) -> Result<(), RedisError> {
+    let Some(&last) = subs.users.get(user) else {
+        return Ok(());
+    };
+    // The stream keeps about `redis.direct_maxlen`: one read covers it.
+    let entries: Vec<Value> = redis::cmd("XRANGE")
+        .arg(names::direct_stream(user))
+        .arg(format!("({last}"))
+        .arg("+")
+        .arg("COUNT")
+        .arg(shared.cfg.direct_maxlen.saturating_mul(2))
+        .query_async(master)
+        .await?;
+    for (id, msg) in history::parse_directs(&entries) {
+        if should_deliver_direct(&mut subs.users, user, Some(id), &msg, DirectFrom::Stream) {
+            shared.sink.direct(Arc::new(msg));
+        }
+    }
+    Ok(())
+}
+
+/// Where a direct message came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum DirectFrom {
+    Live,
+    Stream,
+}
+
+/// Whether a direct message of `user`'s channel or stream is to be delivered: not if it was
+/// already (ids only grow per user; `users` keeps the last id delivered), nor a server API
+/// command read back from the stream.
+pub(super) fn should_deliver_direct(
+    users: &mut HashMap<Arc<str>, MessageId>,
+    user: &str,
+    id: Option<MessageId>,
+    msg: &DirectMessage,
+    from: DirectFrom,
+) -> bool {
+    if let (Some(id), Some(last)) = (id, users.get_mut(user)) {
+        if id <= *last {
+            return false;
+        }
+        *last = id;
+    }
+    !(from == DirectFrom::Stream && msg.kind == crate::broker::DirectKind::Control)
+}
+
+/// The id of the first entry of an XRANGE/XREVRANGE reply (`0-0` when there is none).
+fn first_entry_id(entries: &[Value]) -> MessageId {
+    entries
+        .first()
+        .and_then(|e| match e {
+            Value::Array(parts) => parts.first(),
+            _ => None,
+        })
+        .and_then(|id| redis::from_redis_value_ref::<String>(id).ok())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(MessageId::ZERO)
 }
 
 pub(super) async fn newest_id(
@@ -381,15 +514,7 @@ pub(super) async fn newest_id(
         .arg(1)
         .query_async(master)
         .await?;
-    Ok(entries
-        .first()
-        .and_then(|e| match e {
-            Value::Array(parts) => parts.first(),
-            _ => None,
-        })
-        .and_then(|id| redis::from_redis_value_ref::<String>(id).ok())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or(MessageId::ZERO))
+    Ok(first_entry_id(&entries))
 }
 
 /// Delivers what the room's stream holds after the last id delivered here (up to `through`,
@@ -493,11 +618,67 @@ pub(super) fn on_message(
             Ok((event, _)) => deliver_room(shared, subs, event),
             Err(e) => wire::skip_bad_payload("redis", "room message", &e),
         }
-    } else if channel.starts_with(names::USER_PREFIX) {
-        match wire::decode_direct(payload) {
-            Ok(msg) => shared.sink.direct(Arc::new(msg)),
+    } else if let Some(user) = channel.strip_prefix(names::USER_PREFIX) {
+        match wire::decode_live_direct(payload) {
+            Ok((msg, id)) => {
+                if should_deliver_direct(&mut subs.users, user, id, &msg, DirectFrom::Live) {
+                    shared.sink.direct(Arc::new(msg));
+                }
+            }
             Err(e) => wire::skip_bad_payload("redis", "direct message", &e),
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::DirectKind;
+
+    fn direct(kind: DirectKind) -> DirectMessage {
+        DirectMessage {
+            kind,
+            to: "u".into(),
+            data: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            sender_id: "s".into(),
+            ts_ms: 1,
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn a_direct_message_is_delivered_once_and_commands_are_not_replayed() {
+        let mut users: HashMap<Arc<str>, MessageId> = HashMap::new();
+        users.insert("u".into(), MessageId::new(5, 0));
+        let msg = direct(DirectKind::Message);
+        let id = |hi| Some(MessageId::new(hi, 0));
+        let live = DirectFrom::Live;
+        assert!(
+            !should_deliver_direct(&mut users, "u", id(5), &msg, live),
+            "already delivered"
+        );
+        assert!(should_deliver_direct(&mut users, "u", id(6), &msg, live));
+        assert!(
+            !should_deliver_direct(&mut users, "u", id(6), &msg, DirectFrom::Stream),
+            "read back after the live copy"
+        );
+        assert!(
+            should_deliver_direct(&mut users, "u", None, &msg, live),
+            "no id: no dedup"
+        );
+        let command = direct(DirectKind::Control);
+        assert!(
+            !should_deliver_direct(&mut users, "u", id(7), &command, DirectFrom::Stream),
+            "a command applies when sent"
+        );
+        assert!(should_deliver_direct(
+            &mut users,
+            "u",
+            id(8),
+            &command,
+            live
+        ));
+        assert_eq!(users["u"], MessageId::new(8, 0));
+    }
 }
