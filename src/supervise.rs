@@ -68,7 +68,7 @@ pub fn fault_point(room: &str) {
 /// `cut-direct`, to the user) `public:fault-<fault>`, in debug builds started with
 /// `RTGATE_FAULT_INJECTION=1`; always false in release builds. `deaf`: the Kafka consumer
 /// stops reading (its probes then fail); `slow-index`: the occupancy index is written 3 s
-/// late; `cut` and `cut-direct`: the Redis subscription is lost with a presence diff or a
+/// late; `slow-presence`: a join's presence state is sent 1 s after it was read; `cut` and `cut-direct`: the Redis subscription is lost with a presence diff or a
 /// direct message unread.
 pub fn injected(fault: &str, room: &str) -> bool {
     #[cfg(debug_assertions)]

@@ -581,6 +581,60 @@ async fn track_untrack_and_leave_produce_presence_diffs_and_state() {
         .expect("presence_diff leaves after leave");
 }
 
+/// A presence diff overtakes the state of a join (injected: the state is sent 1 s after it
+/// was read, and lee tracks meanwhile). Before: kim got lee's join diff, then the older state
+/// without lee, which replaced it: kim never saw lee. Now the current state follows.
+#[tokio::test]
+async fn a_diff_that_overtakes_the_join_state_is_not_lost() {
+    let srv = Server::start_with_env("", &[("RTGATE_FAULT_INJECTION", "1")]).await;
+    let room = "public:fault-slow-presence";
+    let mut kim = srv.user("kim").await;
+    let mut lee = srv.user("lee").await;
+    kim.send_json(&json!({"type": "join", "room": room, "ref": "kj"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lee.join(room).await;
+    lee.request_ok(json!({"type": "track", "room": room, "data": {"here": 1}}))
+        .await;
+    // Apply every presence frame as a client does: a state replaces, a diff adds.
+    let mut view: HashMap<String, Value> = HashMap::new();
+    let mut frames = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let Some(v) = kim.recv_json(Duration::from_millis(1500)).await else {
+            break;
+        };
+        if v["room"] != room {
+            continue;
+        }
+        match v["type"].as_str() {
+            Some("presence_state") => {
+                view = v["data"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+            }
+            Some("presence_diff") => {
+                for (user, metas) in v["data"]["joins"].as_object().cloned().unwrap_or_default() {
+                    view.insert(user, metas);
+                }
+            }
+            _ => {}
+        }
+        frames.push(v);
+        if view.contains_key("lee") && frames.iter().any(|f| is_reply_to(f, &json!("kj"))) {
+            break;
+        }
+    }
+    assert!(
+        frames.iter().any(|f| f["type"] == "presence_diff"),
+        "the diff did not overtake the state: the test proves nothing: {frames:?}"
+    );
+    assert!(view.contains_key("lee"), "kim's view lost lee: {frames:?}");
+}
+
 #[tokio::test]
 async fn abrupt_disconnect_of_tracked_client_produces_presence_leave() {
     let srv = Server::start("").await;

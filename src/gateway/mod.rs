@@ -137,6 +137,9 @@ struct Room {
     subscribed: Shared<Subscribed>,
     /// The newest message delivered here: the `since` that recovers the next one.
     last_id: Mutex<MessageId>,
+    /// Presence diffs delivered here so far: a presence state read while this moved may be
+    /// older than a diff its members already got.
+    presence_seq: AtomicU64,
 }
 
 /// This instance's sessions, rooms and users.
@@ -222,6 +225,14 @@ impl Hub {
         }
     }
 
+    /// How many presence diffs `room` got here so far (see [`Room::presence_seq`]).
+    pub fn presence_seq(&self, room: &RoomName) -> u64 {
+        self.rooms
+            .read()
+            .get(room)
+            .map_or(0, |r| r.presence_seq.load(Ordering::Relaxed))
+    }
+
     /// This instance's members of a room, or connections of a user.
     pub fn local_count(&self, who: &Occupant) -> usize {
         match who {
@@ -277,6 +288,7 @@ impl Hub {
                 members: Vec::new(),
                 subscribed: subscribed.shared(),
                 last_id: Mutex::new(MessageId::ZERO),
+                presence_seq: AtomicU64::new(0),
             }
         });
         let subscribed = entry.subscribed.clone();
@@ -632,6 +644,7 @@ impl Deliver for Hub {
         let mark = Mark::Presence(diff.room.clone());
         let rooms = self.rooms.read();
         if let Some(room) = rooms.get(&diff.room) {
+            room.presence_seq.fetch_add(1, Ordering::Relaxed);
             for m in &room.members {
                 m.session.send_marked(frame.clone(), &mark);
             }

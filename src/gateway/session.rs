@@ -579,10 +579,20 @@ impl Connection {
             }
         }
 
+        let seq = gw.hub.presence_seq(&room);
         match gw.registry.presence(&room).await {
             Ok(entries) => {
+                if crate::supervise::injected("slow-presence", &room) {
+                    // Test-only: a diff overtakes the state read before it.
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
                 let state = serde_json::Value::Object(presence_map(&entries));
                 self.send(ServerFrame::new("presence_state", Some(&room), &state).to_json());
+                if gw.hub.presence_seq(&room) != seq {
+                    // A diff came meanwhile and went out before this state, which may be
+                    // older: the current presence follows.
+                    gw.hub.presence_lost(&self.session, vec![room.clone()]);
+                }
             }
             Err(e) => tracing::warn!(error = %e, room = %room, "presence state unavailable"),
         }

@@ -154,8 +154,9 @@ impl Gateway {
                 rooms = self.hub.stale_presence() => rooms,
                 _ = stop.cancelled() => return,
             };
-            let mut failed = Vec::new();
+            let mut again = Vec::new();
             for (room, who) in rooms {
+                let seq = self.hub.presence_seq(&room);
                 match self.registry.presence(&room).await {
                     Ok(entries) => {
                         let state = serde_json::Value::Object(presence_map(&entries));
@@ -164,15 +165,19 @@ impl Gateway {
                         );
                         let members = self.hub.send_presence(&room, &who, &frame);
                         metric::presence_resent(members as u64);
+                        if self.hub.presence_seq(&room) != seq {
+                            // A diff overtook this state: read it again (the next round).
+                            again.push((room, who));
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, room = %room, "presence not sent again; retrying");
-                        failed.push((room, who));
+                        again.push((room, who));
                     }
                 }
             }
-            if !failed.is_empty() {
-                self.hub.mark_presence_stale(failed);
+            if !again.is_empty() {
+                self.hub.mark_presence_stale(again);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = stop.cancelled() => return,
