@@ -194,37 +194,59 @@ async fn listen(mut client: Client, room: &'static str, duration: Duration) -> V
 
 /// Every acked message reaches the subscriber exactly once, in publish order.
 fn check_delivery(name: &str, acked: &[(u64, String)], got: &[(u64, String)]) {
+    if let Err(e) = delivery_problem(name, acked, got) {
+        panic!("{e}");
+    }
+}
+
+/// What [`check_delivery`] finds wrong, if anything.
+fn delivery_problem(
+    name: &str,
+    acked: &[(u64, String)],
+    got: &[(u64, String)],
+) -> Result<(), String> {
     let mut count: HashMap<&str, usize> = HashMap::new();
     for (_, id) in got {
         *count.entry(id).or_default() += 1;
     }
     let dupes: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(dupes.is_empty(), "{name}: duplicates {dupes:?}");
+    if !dupes.is_empty() {
+        return Err(format!("{name}: duplicates {dupes:?}"));
+    }
     let missing: Vec<_> = acked
         .iter()
         .filter(|(_, id)| !count.contains_key(id.as_str()))
         .collect();
-    assert!(
-        missing.is_empty(),
-        "{name}: acked but not delivered: {missing:?}"
-    );
+    if !missing.is_empty() {
+        return Err(format!("{name}: acked but not delivered: {missing:?}"));
+    }
     let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "{name}: out of order: {seqs:?}"
-    );
+    if !seqs.windows(2).all(|w| w[0] < w[1]) {
+        return Err(format!("{name}: out of order: {seqs:?}"));
+    }
+    Ok(())
 }
 
-async fn failover_case(freeze: bool) {
+/// The fault of a failover case.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MasterFault {
+    Kill,
+    Freeze,
+    /// SIGKILL, then a second failover as soon as the first is done.
+    KillThenFailover,
+}
+
+async fn failover_case(fault: MasterFault) {
     if !require_redis() {
         return;
     }
+    let freeze = fault == MasterFault::Freeze;
     let mut topo = SentinelTopology::start().await;
     let (a, b, c) = three_instances(&topo).await;
-    let room: &'static str = if freeze {
-        "public:freeze"
-    } else {
-        "public:kill"
+    let room: &'static str = match fault {
+        MasterFault::Kill => "public:kill",
+        MasterFault::Freeze => "public:freeze",
+        MasterFault::KillThenFailover => "public:kill-twice",
     };
     let mut sub_b = b.user("sub-b").await;
     let mut sub_c = c.user("sub-c").await;
@@ -250,6 +272,14 @@ async fn failover_case(freeze: bool) {
         // The old master comes back and is turned into a replica by Sentinel.
         topo.cont_node(old);
     }
+    if fault == MasterFault::KillThenFailover {
+        // While Sentinel may still name no replica of the new master.
+        topo.force_failover().await;
+        let (third, again) = topo
+            .wait_for_failover(new_master, Duration::from_secs(15))
+            .await;
+        println!("second failover {new_master} -> {third} in {again:?}");
+    }
 
     let log = pubs.await.expect("publisher");
     let got_b = lb.await.expect("subscriber on B stayed connected");
@@ -262,29 +292,64 @@ async fn failover_case(freeze: bool) {
         log.acked.len(),
         log.refused
     );
+    // Sentinel sometimes fails over a second time on its own (seen under load). The new
+    // master then has no replica until Sentinel turns the old one into one (up to ~10 s), and
+    // publishes are refused meanwhile rather than acked without a replica: the outage bound
+    // is for one failover.
+    let last_master = topo.master_addr().await;
+    let one_failover = last_master == format!("127.0.0.1:{new_master}");
+    if one_failover {
+        assert!(
+            log.acked.len() > 100,
+            "publishing went on: {}",
+            log.acked.len()
+        );
+        assert!(
+            log.outage <= failover + Duration::from_secs(2),
+            "publishing resumed within the failover time + 2 s: outage {:?}, failover {failover:?}",
+            log.outage
+        );
+    } else {
+        println!("the master moved again, to {last_master}: outage bound not checked");
+        assert!(
+            fault == MasterFault::KillThenFailover || log.acked.len() > 40,
+            "publishing went on before the fault: {}",
+            log.acked.len()
+        );
+    }
+    // Both subscribers judged, with the instances' logs on a failure.
+    let problems: Vec<String> = [("B", &got_b), ("C", &got_c)]
+        .into_iter()
+        .filter_map(|(name, got)| delivery_problem(name, &log.acked, got).err())
+        .collect();
     assert!(
-        log.acked.len() > 100,
-        "publishing went on: {}",
-        log.acked.len()
+        problems.is_empty(),
+        "{}\n--- A ---\n{}\n--- B ---\n{}\n--- C ---\n{}",
+        problems.join("\n"),
+        a.logs(),
+        b.logs(),
+        c.logs()
     );
-    assert!(
-        log.outage <= failover + Duration::from_secs(2),
-        "publishing resumed within the failover time + 2 s: outage {:?}, failover {failover:?}",
-        log.outage
-    );
-    check_delivery("B", &log.acked, &got_b);
-    check_delivery("C", &log.acked, &got_c);
     drop(a);
 }
 
 #[tokio::test]
 async fn sigkill_of_the_master_loses_no_acked_message() {
-    failover_case(false).await;
+    failover_case(MasterFault::Kill).await;
 }
 
 #[tokio::test]
 async fn sigstop_of_the_master_loses_no_acked_message() {
-    failover_case(true).await;
+    failover_case(MasterFault::Freeze).await;
+}
+
+/// Two failovers in a row (SIGKILL, then `SENTINEL FAILOVER` at once): every acked message
+/// is delivered once, in order. (Seen on its own, under load: an instance reconnected to the
+/// master being demoted while Sentinel named no replica, took 8 publishes without `WAIT`, and
+/// the switch erased them. The timing is not forced here.)
+#[tokio::test]
+async fn two_failovers_in_a_row_lose_no_acked_message() {
+    failover_case(MasterFault::KillThenFailover).await;
 }
 
 /// Gateway config for a Redis Cluster.

@@ -632,6 +632,22 @@ impl SentinelTopology {
         ))
     }
 
+    /// Asks a live sentinel for a failover now (`SENTINEL FAILOVER`), retrying while it
+    /// refuses (one already in progress) for up to 10 s.
+    pub async fn force_failover(&self) {
+        let mut poll = Poll::new(Duration::from_secs(10));
+        while poll.next().await {
+            for s in self.sentinels.iter().filter(|s| s.alive()) {
+                let asked: anyhow::Result<String> =
+                    redis_cmd(s.port, &["SENTINEL", "FAILOVER", MASTER_NAME]).await;
+                if asked.is_ok() {
+                    return;
+                }
+            }
+        }
+        self.fail("no sentinel took SENTINEL FAILOVER within 10 s")
+    }
+
     /// Pids of the live processes: nodes (initial order), then sentinels.
     pub fn pids(&self) -> Vec<u32> {
         let all = self.nodes.iter().chain(&self.sentinels);

@@ -18,6 +18,22 @@ pub(super) fn client_config(cfg: &RedisConfig) -> AsyncConnectionConfig {
         .set_response_timeout(Some(cfg.command_timeout))
 }
 
+/// Replicas each publish waits for: as configured, else 1 once Sentinel has named replicas,
+/// kept through failovers. During one, Sentinel can name none for a moment (the master being
+/// demoted has just lost its replica to the promotion); taking writes without `WAIT` then let
+/// the switch erase acked messages (seen: 8), so a master without a replica refuses publishes
+/// instead, as on a Cluster.
+fn replicas_to_wait_for(configured: Option<u32>, named: usize, saw_replicas: &AtomicBool) -> u32 {
+    if named > 0 {
+        saw_replicas.store(true, Ordering::Relaxed);
+    }
+    match configured {
+        Some(n) => n,
+        None if saw_replicas.load(Ordering::Relaxed) => 1,
+        None => 0,
+    }
+}
+
 pub(super) async fn connect(shared: &Shared) -> Result<Connected, RedisError> {
     let cfg = &shared.cfg;
     let timeout = cfg.command_timeout;
@@ -34,11 +50,7 @@ pub(super) async fn connect(shared: &Shared) -> Result<Connected, RedisError> {
         .map_err(|_| io_timeout("Pub/Sub connect"))??;
     let (sink, stream) = pubsub.split();
 
-    let acks = match cfg.min_replicas_ack {
-        Some(n) => n,
-        None if !replicas.is_empty() => 1,
-        None => 0,
-    };
+    let acks = replicas_to_wait_for(cfg.min_replicas_ack, replicas.len(), &shared.saw_replicas);
     shared.min_acks.store(acks, Ordering::Relaxed);
     let mut replica = None;
     if cfg.read_from_replicas {
@@ -167,4 +179,23 @@ pub(super) fn urlencode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn once_replicas_were_named_publishes_keep_waiting_for_one() {
+        let saw = AtomicBool::new(false);
+        assert_eq!(replicas_to_wait_for(None, 0, &saw), 0, "a lone Redis");
+        assert_eq!(replicas_to_wait_for(None, 2, &saw), 1);
+        assert_eq!(
+            replicas_to_wait_for(None, 0, &saw),
+            1,
+            "none named mid-failover"
+        );
+        assert_eq!(replicas_to_wait_for(Some(0), 0, &saw), 0, "as configured");
+        assert_eq!(replicas_to_wait_for(Some(2), 1, &saw), 2);
+    }
 }

@@ -68,6 +68,8 @@ struct Shared {
     ready: AtomicBool,
     /// Replicas each publish waits for (resolved at connect time).
     min_acks: AtomicU32,
+    /// Sentinel has named replicas of the master once: publishes keep waiting for one.
+    saw_replicas: AtomicBool,
     /// Anyone who sees the master fail asks the supervisor to rediscover it.
     reconnect: Notify,
     idempotency_window: Duration,
@@ -116,6 +118,7 @@ impl RedisBroker {
             replica: RwLock::new(None),
             ready: AtomicBool::new(false),
             min_acks: AtomicU32::new(0),
+            saw_replicas: AtomicBool::new(false),
             reconnect: Notify::new(),
             idempotency_window: broker.idempotency_window,
             probe_interval: broker.probe_interval,

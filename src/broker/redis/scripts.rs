@@ -17,9 +17,14 @@ if KEYS[4] then
     local live = ''
     local e = redis.call('XRANGE', KEYS[1], first, first)
     if #e > 0 then
+      -- With the id stored before it, as every live copy: a subscriber that missed that one
+      -- reads it from the stream first.
+      local prev = '0-0'
+      local before = redis.call('XREVRANGE', KEYS[1], '(' .. first, '-', 'COUNT', 1)
+      if #before > 0 then prev = before[1][1] end
       local f = e[1][2]
       for i = 1, #f, 2 do
-        if f[i] == 'm' then live = '{"id":"' .. first .. '",' .. string.sub(f[i + 1], 2) end
+        if f[i] == 'm' then live = '{"id":"' .. first .. '","prev":"' .. prev .. '",' .. string.sub(f[i + 1], 2) end
       end
     end
     if live ~= '' and ARGV[4] == '1' then
