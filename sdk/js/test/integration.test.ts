@@ -4,7 +4,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { chmodSync, copyFileSync, existsSync, mkdtempSync, rmSync } from "node:fs";
+import { chmodSync, copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { createServer } from "node:net";
 import { dirname, resolve } from "node:path";
@@ -574,6 +574,9 @@ describe("rtgate integration", () => {
         throw new Error(`send before freeze failed: ${e.code ?? ""} ${e} (client errors: ${errors.join("; ")})`);
       });
       server.proc.kill("SIGSTOP");
+      // The signal is asynchronous: send only once the process is stopped (state T), or the
+      // server may still answer.
+      await waitStopped(server.proc.pid!);
       try {
         const started = Date.now();
         const err: any = await withTimeout(r.send({ text: "while frozen" }).then(() => null, (e) => e), 5000, "send");
@@ -593,3 +596,15 @@ describe("rtgate integration", () => {
     }
   });
 });
+
+/** Waits (at most 2 s) until the process `pid` is stopped, as /proc/<pid>/stat says. */
+async function waitStopped(pid: number): Promise<void> {
+  const deadline = Date.now() + 2000;
+  while (Date.now() < deadline) {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // "pid (comm) state ...": the state follows the last ')'.
+    if (stat.slice(stat.lastIndexOf(")") + 2).startsWith("T")) return;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  throw new Error(`process ${pid} did not stop within 2 s`);
+}
