@@ -255,6 +255,34 @@ async fn drop_new_overflow_is_announced_and_recoverable() {
     overflow_is_announced_and_recoverable("drop_new").await;
 }
 
+/// Publishes 400 messages of 32 KiB to `room`, one at a time, so that a member that stopped
+/// reading (small receive buffer) loses frames to `policy`; returns the frames dropped so far
+/// (asserted above zero: else the test proves nothing).
+async fn flood_past_a_full_queue(
+    server: &Server,
+    publisher: &mut Client,
+    room: &str,
+    policy: &str,
+) -> f64 {
+    let filler = "x".repeat(32 * 1024 - 200);
+    for i in 0..400 {
+        publisher
+            .publish(room, json!({"n": i, "pad": filler}))
+            .await;
+    }
+    let dropped = server
+        .metric_sum(
+            "rtgate_dropped_frames_total",
+            &format!("policy=\"{policy}\""),
+        )
+        .await;
+    assert!(
+        dropped > 0.0,
+        "the flood dropped nothing: the test proves nothing"
+    );
+    dropped
+}
+
 /// The first message this instance delivers in a room is dropped for a slow member. Before:
 /// its notice said `since` `0-0` (nothing delivered here yet), and the rejoin replayed the
 /// room's whole history, messages from before the member joined included. Now the notice
@@ -279,19 +307,7 @@ async fn a_first_delivery_dropped_is_recovered_from_the_message_before_it() {
     slow.join(flood).await;
     slow.join(late).await;
     // The slow client stops reading: its queue fills and stays full.
-    let filler = "x".repeat(32 * 1024 - 200);
-    for i in 0..N {
-        publisher
-            .publish(flood, json!({"n": i, "pad": filler}))
-            .await;
-    }
-    let dropped = server
-        .metric_sum("rtgate_dropped_frames_total", "policy=\"drop_new\"")
-        .await;
-    assert!(
-        dropped > 0.0,
-        "the flood dropped nothing: the test proves nothing"
-    );
+    let dropped = flood_past_a_full_queue(&server, &mut publisher, flood, "drop_new").await;
     let lost = publisher.publish(late, json!({"n": 3})).await;
     assert!(
         server
@@ -344,19 +360,7 @@ async fn a_dropped_presence_diff_is_made_good_with_the_current_presence() {
     slow.join(flood).await;
     slow.join(room).await;
     let mut publisher = server.user("p").await;
-    let filler = "x".repeat(32 * 1024 - 200);
-    for i in 0..N {
-        publisher
-            .publish(flood, json!({"n": i, "pad": filler}))
-            .await;
-    }
-    let dropped = server
-        .metric_sum("rtgate_dropped_frames_total", "policy=\"drop_new\"")
-        .await;
-    assert!(
-        dropped > 0.0,
-        "the flood dropped nothing: the test proves nothing"
-    );
+    let dropped = flood_past_a_full_queue(&server, &mut publisher, flood, "drop_new").await;
     let mut tia = server.user("tia").await;
     tia.join(room).await;
     tia.request_ok(json!({"type": "track", "room": room, "data": {"here": 1}}))
