@@ -1039,7 +1039,13 @@ async fn apply(
                 }
                 .await;
                 if result.is_err() {
-                    shared.users.lock().remove(&user);
+                    // Still wanted: the resubscription this error leads to takes it (from the
+                    // start of its short stream, where the newest id could not be read).
+                    shared
+                        .users
+                        .lock()
+                        .entry(user.clone())
+                        .or_insert(MessageId::ZERO);
                 }
                 result
             };

@@ -399,6 +399,9 @@ pub(super) async fn apply(
             let newest = match newest_stream_id(master, &names::direct_stream(&user)).await {
                 Ok(id) => id,
                 Err(e) => {
+                    // Still wanted: the reconnect this error leads to subscribes it.
+                    subs.users.insert(user.clone(), MessageId::ZERO);
+                    subs.users_at_newest.push(user);
                     let _ = done.send(Err(unavailable(&e)));
                     return Err(e);
                 }
