@@ -237,6 +237,22 @@ impl SendQueue {
         self.wake.notify_one();
     }
 
+    /// Queues a reply ahead of every queued frame (the connection's `welcome`).
+    pub fn push_reply_first(&self, frame: Utf8Bytes) {
+        let mut q = self.inner.lock();
+        if q.close.is_some() {
+            return;
+        }
+        q.bytes += frame.len();
+        q.frames.push_front(Queued {
+            frame,
+            reply: true,
+            mark: None,
+        });
+        drop(q);
+        self.wake.notify_one();
+    }
+
     /// Waits until the queue is below its limit, so a client that does not read stops being
     /// read from (TCP backpressure) instead of growing its queue.
     pub async fn wait_for_room(&self) {

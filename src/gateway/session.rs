@@ -73,6 +73,14 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
             return Box::pin(reject(socket, close::TRY_AGAIN_LATER, reason)).await;
         }
     };
+    // Welcomed once direct messages reach this connection, so that one sent to the user as
+    // soon as the client hears it is connected is delivered. Still the first frame: whatever
+    // was queued meanwhile follows it, and the writer starts only then.
+    if let Some(subscribed) = user_subscribed
+        && let Err(e) = subscribed.await
+    {
+        tracing::warn!(error = %e, "direct-message subscription failed");
+    }
     let welcome = serde_json::json!({
         "user_id": &*session.identity.user_id,
         "instance_id": &**gw.instance_id(),
@@ -80,15 +88,9 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, identity: Identity) {
     });
     session
         .queue
-        .push_reply(ServerFrame::new("welcome", None, &welcome).to_json().into());
-
+        .push_reply_first(ServerFrame::new("welcome", None, &welcome).to_json().into());
     let (sink, stream) = socket.split();
     let writer = tokio::spawn(write_loop(sink, session.clone(), gw.hub.clone()));
-    if let Some(subscribed) = user_subscribed
-        && let Err(e) = subscribed.await
-    {
-        tracing::warn!(error = %e, "direct-message subscription failed");
-    }
 
     let mut conn = Connection::new(gw.clone(), session.clone());
     conn.read_loop(stream).await;
