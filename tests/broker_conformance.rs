@@ -105,7 +105,18 @@ fn unique_room(case: &str) -> RoomName {
 async fn publish_reaches_subscribers_in_order_once(a: &Instance, b: &Instance) {
     let room = unique_room("order");
     // Stored before anyone subscribed: not delivered, but named as the first delivery's `prev`.
-    let before = a.broker.publish(message(&room, 99)).await.unwrap();
+    // (The first write of a fresh Cluster may find its replica not synced yet: retried.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        match a.broker.publish(message(&room, 99)).await {
+            Ok(id) => break id,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("first publish refused, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the first publish was never taken: {e}"),
+        }
+    };
     a.broker.subscribe(&room).await.unwrap();
     b.broker.subscribe(&room).await.unwrap();
     let mut ids = Vec::new();
