@@ -223,32 +223,30 @@ impl SendQueue {
     /// with a `ref` gets its answer. They stay bounded because the reader stops reading new
     /// requests while the queue is full (see [`SendQueue::wait_for_room`]).
     pub fn push_reply(&self, frame: Utf8Bytes) {
-        let mut q = self.inner.lock();
-        if q.close.is_some() {
-            return;
-        }
-        q.bytes += frame.len();
-        q.frames.push_back(Queued {
-            frame,
-            reply: true,
-            mark: None,
-        });
-        drop(q);
-        self.wake.notify_one();
+        self.queue_reply(frame, false);
     }
 
     /// Queues a reply ahead of every queued frame (the connection's `welcome`).
     pub fn push_reply_first(&self, frame: Utf8Bytes) {
+        self.queue_reply(frame, true);
+    }
+
+    fn queue_reply(&self, frame: Utf8Bytes, first: bool) {
         let mut q = self.inner.lock();
         if q.close.is_some() {
             return;
         }
         q.bytes += frame.len();
-        q.frames.push_front(Queued {
+        let queued = Queued {
             frame,
             reply: true,
             mark: None,
-        });
+        };
+        if first {
+            q.frames.push_front(queued);
+        } else {
+            q.frames.push_back(queued);
+        }
         drop(q);
         self.wake.notify_one();
     }

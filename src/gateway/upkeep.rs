@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
+use super::queue::Mark;
 use super::{Gateway, Hub, Session, StaleMembers, presence_map};
 use crate::broker::{BrokerError, Edge, Occupant, RoomName};
 use crate::protocol::ServerFrame;
@@ -70,19 +71,21 @@ impl Hub {
     }
 
     /// Sends `frame` (a room's presence) to its local members, all or those of `who` still
-    /// there, as replies: never dropped, and asked for again only once a client read.
+    /// there, through the bounded queue like a diff: one the overflow policy drops is asked
+    /// for again once that client reads.
     fn send_presence(&self, room: &RoomName, who: &StaleMembers, frame: &Utf8Bytes) -> usize {
         let rooms = self.rooms.read();
         let Some(entry) = rooms.get(room) else {
             return 0;
         };
+        let mark = Mark::Presence(room.clone());
         let mut sent = 0;
         for m in &entry.members {
             if who
                 .as_ref()
                 .is_none_or(|list| list.iter().any(|s| s.id == m.session.id))
             {
-                m.session.queue.push_reply(frame.clone());
+                m.session.send_marked(frame.clone(), &mark);
                 sent += 1;
             }
         }
